@@ -1,0 +1,165 @@
+"""libvirt domain XML, built from data with ElementTree.
+
+Pure: no libvirt calls, no file access. The runtime describes a VM as a
+`DomainSpec`; `build_domain_xml` renders it. Everything vmlet needs to rebuild
+its state from libvirt alone (sandbox/container IDs, pod identity) goes into
+the domain's `<metadata>` under vmlet's own XML namespace, so a domain
+definition is self-describing (another node can take it over).
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+METADATA_NS = "https://vmlet.dev/xmlns/libvirt/domain/1.0"
+METADATA_PREFIX = "vmlet"
+
+DomainType = Literal["kvm", "qemu"]
+DiskBus = Literal["virtio", "scsi", "ide", "sata"]
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A file-backed disk or CD-ROM."""
+
+    path: str
+    target: str  # guest device name, e.g. "vda", "sda", "hdc"
+    bus: DiskBus = "virtio"
+    device: Literal["disk", "cdrom"] = "disk"
+    format: Literal["qcow2", "raw"] = "qcow2"
+    readonly: bool = False
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A NIC. `kind` follows libvirt's interface types.
+
+    network:  `source` is a libvirt network name.
+    bridge:   `source` is a host bridge.
+    ethernet: `target` is an existing tap device (managed="no").
+    """
+
+    kind: Literal["network", "bridge", "ethernet"]
+    source: str | None = None
+    mac: str | None = None
+    model: str = "virtio"
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    memory_kib: int
+    vcpus: int
+    domain_type: DomainType = "kvm"
+    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    disks: Sequence[Disk] = ()
+    interfaces: Sequence[Interface] = ()
+    # The serial console is a pty (so `virsh console` works) whose output
+    # virtlogd also appends to this file; virtlogd keeps writing across
+    # libvirtd and vmlet restarts.
+    console_log: str | None = None
+    cpu_model: str | None = None  # None: host-model under KVM, QEMU's default under TCG
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _disk(devices: ET.Element, disk: Disk) -> None:
+    el = _sub(devices, "disk", type="file", device=disk.device)
+    _sub(el, "driver", name="qemu", type=disk.format, cache="none" if disk.device == "disk" else "unsafe")
+    _sub(el, "source", file=disk.path)
+    _sub(el, "target", dev=disk.target, bus=disk.bus)
+    if disk.readonly or disk.device == "cdrom":
+        _sub(el, "readonly")
+    if disk.serial:
+        _sub(el, "serial", disk.serial)
+
+
+def _interface(devices: ET.Element, nic: Interface) -> None:
+    el = _sub(devices, "interface", type=nic.kind)
+    if nic.mac:
+        _sub(el, "mac", address=nic.mac)
+    if nic.kind == "network":
+        _sub(el, "source", network=nic.source or "default")
+    elif nic.kind == "bridge":
+        _sub(el, "source", bridge=nic.source or "")
+    if nic.target:
+        attrs = {"dev": nic.target}
+        if nic.kind == "ethernet":
+            attrs["managed"] = "no"
+        _sub(el, "target", **attrs)
+    _sub(el, "model", type=nic.model)
+
+
+def build_domain_xml(spec: DomainSpec) -> str:
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    dom = ET.Element("domain", {"type": spec.domain_type})
+    _sub(dom, "name", spec.name)
+    _sub(dom, "uuid", spec.uuid)
+    if spec.metadata:
+        md = ET.SubElement(_sub(dom, "metadata"), f"{{{METADATA_NS}}}vm")
+        for key, value in spec.metadata.items():
+            ET.SubElement(md, f"{{{METADATA_NS}}}{key}").text = value
+    _sub(dom, "memory", str(spec.memory_kib), unit="KiB")
+    _sub(dom, "currentMemory", str(spec.memory_kib), unit="KiB")
+    _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64")
+    _sub(os_el, "boot", dev="hd")
+
+    features = _sub(dom, "features")
+    _sub(features, "acpi")  # ACPI power button: graceful shutdown
+    _sub(features, "apic")
+
+    if spec.cpu_model:
+        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", spec.cpu_model, fallback="allow")
+    elif spec.domain_type == "kvm":
+        _sub(dom, "cpu", mode="host-model")
+
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+
+    devices = _sub(dom, "devices")
+    for disk in spec.disks:
+        _disk(devices, disk)
+    if any(d.bus == "scsi" for d in spec.disks):
+        _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+    for nic in spec.interfaces:
+        _interface(devices, nic)
+
+    serial = _sub(devices, "serial", type="pty")
+    if spec.console_log:
+        _sub(serial, "log", file=spec.console_log, append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+
+    _sub(devices, "memballoon", model="virtio")  # balloon stats for memory usage
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def read_metadata(domain_xml: str) -> dict[str, str]:
+    """The vmlet metadata of a domain definition (empty when it has none)."""
+    root = ET.fromstring(domain_xml)
+    vm = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    if vm is None:
+        return {}
+    prefix = f"{{{METADATA_NS}}}"
+    return {child.tag.removeprefix(prefix): child.text or "" for child in vm}

@@ -1,0 +1,1 @@
+"""One CRI socket for the kubelet: VM pods to vmlet, everything else to containerd."""

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 node (or a developer/CI machine) for vmlet, as root.
+#
+# Idempotent: every step checks before it acts, so rerunning is cheap and safe.
+# It installs the Debian packages a vmlet node needs, starts virtlogd + libvirtd
+# (also on machines without systemd), reports whether KVM can run ordinary
+# guests, and creates the project's Python virtualenv (.venv) with vmlet in it.
+#
+# Exit status is non-zero when something the node cannot work without failed;
+# problems it can live with (no usable KVM -> TCG) are reported as NOTE lines.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VMLET_VENV:-$REPO/.venv}"
+LIBVIRT_URI="qemu:///system"
+export DEBIAN_FRONTEND=noninteractive
+
+log()  { printf '[setup-host] %s\n' "$*" >&2; }
+note() { printf '[setup-host] NOTE: %s\n' "$*" >&2; }
+die()  { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages, grouped by what needs them.
+PKGS_LIBVIRT=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
+              dnsmasq-base iptables nftables)
+PKGS_PYTHON_BUILD=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev)
+PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio kmod gzip)
+PKGS_TOOLS=(curl ca-certificates procps iproute2)
+
+[ "$(id -u)" = 0 ] || die "run as root"
+[ -r /etc/debian_version ] || die "this script targets Debian 12 (no /etc/debian_version)"
+
+pid1_is_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
+
+install_packages() {
+    local want=("${PKGS_LIBVIRT[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}")
+    local missing=()
+    for p in "${want[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "Debian packages: all ${#want[@]} present"
+        return
+    fi
+    log "installing: ${missing[*]}"
+    # Refresh the package lists when they are missing or older than a day.
+    local lists=/var/lib/apt/lists
+    if [ -z "$(find "$lists" -maxdepth 1 -name '*_Packages' -mmin -1440 2>/dev/null | head -1)" ]; then
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+    fi
+    # --no-install-recommends keeps libvirt-daemon-system (needs systemd) out.
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install failed for: ${missing[*]}"
+}
+
+ensure_accounts() {
+    # libvirt's QEMU driver resolves its compiled-in user/group before reading
+    # qemu.conf and refuses to start when they are missing (Debian's postinst
+    # that creates them lives in libvirt-daemon-system, which we do not install).
+    local g
+    for g in kvm libvirt libvirt-qemu; do
+        getent group "$g" >/dev/null || groupadd --system "$g"
+    done
+    if ! getent passwd libvirt-qemu >/dev/null; then
+        useradd --system --gid libvirt-qemu --groups kvm --home-dir /var/lib/libvirt \
+            --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+    fi
+    [ -e /dev/kvm ] && chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
+    mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt
+}
+
+daemon_running() {  # $1 = pidfile
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+start_libvirt() {
+    if pid1_is_systemd; then
+        systemctl enable --now virtlogd.socket libvirtd.service >/dev/null 2>&1 \
+            || systemctl start virtlogd libvirtd || die "could not start libvirtd via systemd"
+    else
+        # No systemd: run the daemons directly. virtlogd first, libvirtd's QEMU
+        # driver connects to it for every guest's stdio log.
+        daemon_running /var/run/virtlogd.pid || { log "starting virtlogd"; /usr/sbin/virtlogd -d; }
+        daemon_running /var/run/libvirtd.pid || { log "starting libvirtd"; /usr/sbin/libvirtd -d; }
+    fi
+    local i
+    for i in $(seq 1 60); do
+        virsh -c "$LIBVIRT_URI" version >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    virsh -c "$LIBVIRT_URI" version >/dev/null 2>&1 || die "libvirtd is not answering on $LIBVIRT_URI (see /var/log/libvirt/libvirtd.log)"
+    virsh -c "$LIBVIRT_URI" capabilities | grep -q "<domain type='qemu'" \
+        || die "libvirt has no QEMU domain type (is qemu-system-x86 installed?)"
+    log "libvirtd: up ($(virsh -c "$LIBVIRT_URI" version | sed -n 's/^Running hypervisor: //p'))"
+}
+
+report_kvm() {
+    # /dev/kvm existing is not enough: on PVM hosts (kvm_pvm) only PVM-built
+    # guest kernels run. vmlet's accelerator setting 'auto' probes for real;
+    # here we only tell the operator what to expect.
+    if [ ! -e /dev/kvm ]; then
+        note "no /dev/kvm: VMs will run under TCG (software emulation), much slower than KVM"
+    elif [ -d /sys/module/kvm_pvm ]; then
+        note "KVM is PVM (kvm_pvm loaded): ordinary guest kernels cannot run on it; VMs will run under TCG"
+    else
+        log "KVM: /dev/kvm present (vmlet's accelerator 'auto' probes it before use)"
+    fi
+}
+
+setup_venv() {
+    local stamp="$VENV/.vmlet-deps" want
+    want="$(cat "$REPO/pyproject.toml" "$REPO/deploy/requirements.lock" | sha256sum | cut -c1-16)"
+    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        log "python venv: $VENV up to date"
+        return
+    fi
+    log "python venv: installing vmlet and its dependencies into $VENV"
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q --disable-pip-version-check -c "$REPO/deploy/requirements.lock" \
+        -e "$REPO[test]" || die "pip install of vmlet failed"
+    # Test-only: an independent copy of the upstream CRI descriptor. It pins an
+    # old grpcio/protobuf, so it is installed without dependencies and never imported.
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
+        "$(grep -i '^container-runtime-interface-api==' "$REPO/deploy/requirements.lock")" \
+        || die "pip install of container-runtime-interface-api failed"
+    echo "$want" > "$stamp"
+}
+
+install_packages
+ensure_accounts
+start_libvirt
+report_kvm
+setup_venv
+log "done"

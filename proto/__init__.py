@@ -1,0 +1,1 @@
+"""Protocol definitions vmlet speaks (the Kubernetes CRI) and their generated Python modules."""

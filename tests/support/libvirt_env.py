@@ -1,0 +1,206 @@
+"""Real libvirt for tests: connection, isolated networks, VMs, console reading, sweeping.
+
+Everything a test creates in libvirt carries TEST_PREFIX in its name, so a
+sweep can remove what a crashed earlier run left behind and the session can
+prove at its end that nothing is left.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+LIBVIRT_URI = os.environ.get("VMLET_TEST_LIBVIRT_URI", "qemu:///system")
+TEST_PREFIX = "vmlet-test-"
+# TCG by default: on the project's machines /dev/kvm cannot run ordinary guests.
+DOMAIN_TYPE = os.environ.get("VMLET_TEST_DOMAIN_TYPE", "qemu")
+# Scratch space QEMU (running as libvirt-qemu) can reach: pytest's tmp dirs are 0700.
+WORK_ROOT = Path(os.environ.get("VMLET_TEST_WORK_ROOT", "/var/lib/vmlet-test"))
+
+# libvirt reports errors on stderr by default; tests read them from exceptions.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def connect() -> libvirt.virConnect:
+    return libvirt.open(LIBVIRT_URI)
+
+
+def _ignore_missing(fn, *args) -> None:
+    try:
+        fn(*args)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK,
+                                      libvirt.VIR_ERR_OPERATION_INVALID):
+            raise
+
+
+def remove_domain(dom: libvirt.virDomain) -> None:
+    """Destroy (if running) and undefine; tolerant of a domain already gone."""
+    try:
+        active = dom.isActive()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return
+        raise
+    if active:
+        _ignore_missing(dom.destroy)
+    _ignore_missing(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+
+def remove_network(net: libvirt.virNetwork) -> None:
+    try:
+        if net.isActive():
+            _ignore_missing(net.destroy)
+        _ignore_missing(net.undefine)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+            raise
+
+
+def test_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
+    return [d for d in conn.listAllDomains() if d.name().startswith(TEST_PREFIX)]
+
+
+def test_networks(conn: libvirt.virConnect) -> list[libvirt.virNetwork]:
+    return [n for n in conn.listAllNetworks() if n.name().startswith(TEST_PREFIX)]
+
+
+def sweep(conn: libvirt.virConnect) -> list[str]:
+    """Remove every test domain and network; return what was removed."""
+    removed = []
+    for dom in test_domains(conn):
+        removed.append(f"domain {dom.name()}")
+        remove_domain(dom)
+    for net in test_networks(conn):
+        removed.append(f"network {net.name()}")
+        remove_network(net)
+    return removed
+
+
+def leftover_qemu_processes() -> list[str]:
+    """QEMU processes of test domains (their command line names the domain)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in out.splitlines()
+            if "qemu-system" in line and f"guest={TEST_PREFIX}" in line]
+
+
+def remove_stale_work_dirs() -> list[Path]:
+    """Remove run-<pid> work dirs of test runs that no longer exist (killed runs)."""
+    removed = []
+    for d in WORK_ROOT.glob("run-*"):
+        pid = d.name.removeprefix("run-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def unique_name(kind: str) -> str:
+    return f"{TEST_PREFIX}{kind}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------- networks
+
+@dataclass(frozen=True)
+class IsolatedNetwork:
+    name: str
+    bridge: str
+    subnet: ipaddress.IPv4Network
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+
+def _used_subnets() -> list[ipaddress.IPv4Network]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    return [ipaddress.ip_interface(m).network for m in re.findall(r"inet (\S+)", out)]
+
+
+def pick_subnet() -> ipaddress.IPv4Network:
+    """A free /24 in 10.213.0.0/16, the range the tests keep for themselves."""
+    used = _used_subnets()
+    for third in range(0, 256):
+        candidate = ipaddress.IPv4Network(f"10.213.{(os.getpid() + third) % 256}.0/24")
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    raise RuntimeError("no free /24 left in 10.213.0.0/16")
+
+
+def network_xml(name: str, bridge: str, subnet: ipaddress.IPv4Network) -> str:
+    """An isolated libvirt network: a host bridge with DHCP, no <forward> (no route or NAT out)."""
+    net = ET.Element("network")
+    ET.SubElement(net, "name").text = name
+    ET.SubElement(net, "bridge", {"name": bridge, "stp": "off", "delay": "0"})
+    hosts = list(subnet.hosts())
+    ip = ET.SubElement(net, "ip", {"address": str(hosts[0]), "netmask": str(subnet.netmask)})
+    dhcp = ET.SubElement(ip, "dhcp")
+    ET.SubElement(dhcp, "range", {"start": str(hosts[99]), "end": str(hosts[199])})
+    return ET.tostring(net, encoding="unicode")
+
+
+def create_isolated_network(conn: libvirt.virConnect) -> IsolatedNetwork:
+    name = unique_name("net")
+    bridge = "vmlt" + name[-8:]  # interface names are limited to 15 characters
+    subnet = pick_subnet()
+    net = conn.networkDefineXML(network_xml(name, bridge, subnet))
+    try:
+        net.create()
+    except Exception:
+        remove_network(net)
+        raise
+    return IsolatedNetwork(name=name, bridge=bridge, subnet=subnet)
+
+
+# ---------------------------------------------------------------- console
+
+class ConsoleLog:
+    """The serial console as virtlogd writes it to a file; waits for lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def text(self) -> str:
+        try:
+            return self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float, dom: libvirt.virDomain | None = None) -> re.Match:
+        """Wait until `pattern` matches a line; fail early if the domain stops."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = regex.search(self.text())
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} on the console within {timeout}s; console so far:\n"
+                                   + self.text()[-4000:])
+            if dom is not None and not dom.isActive():
+                raise AssertionError(f"domain stopped before {pattern!r} appeared; console:\n" + self.text()[-4000:])
+            time.sleep(0.2)
+
+
+def wait_inactive(dom: libvirt.virDomain, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                return True
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return True
+            raise
+        time.sleep(0.2)
+    return False

@@ -1,0 +1,57 @@
+"""domain_xml renders data into libvirt XML; no libvirt needed."""
+
+import xml.etree.ElementTree as ET
+
+from cri_shim.domain_xml import Disk, DomainSpec, Interface, build_domain_xml, read_metadata
+
+
+def spec(**overrides) -> DomainSpec:
+    base = dict(name="vm-1", memory_kib=262144, vcpus=2, domain_type="qemu", uuid="0b9e2f5e-3c55-4ad9-8d3c-8b4e1c1f6a01",
+                disks=[Disk("/var/lib/vmlet/root.qcow2", "vda"),
+                       Disk("/var/lib/vmlet/seed.iso", "sda", bus="scsi", device="cdrom", format="raw")],
+                interfaces=[Interface("ethernet", target="tap0", mac="52:54:00:00:00:01")],
+                console_log="/var/log/vm.log",
+                metadata={"sandbox-id": "abc", "pod-namespace": "default"})
+    base.update(overrides)
+    return DomainSpec(**base)
+
+
+def test_renders_identity_resources_and_devices():
+    root = ET.fromstring(build_domain_xml(spec()))
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "vm-1"
+    assert root.findtext("uuid") == "0b9e2f5e-3c55-4ad9-8d3c-8b4e1c1f6a01"
+    assert root.findtext("memory") == "262144" and root.find("memory").get("unit") == "KiB"
+    assert root.findtext("vcpu") == "2"
+    assert root.find("features/acpi") is not None, "ACPI is needed for graceful shutdown"
+    disks = root.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "sda"]
+    assert disks[0].find("driver").get("type") == "qcow2"
+    assert disks[1].get("device") == "cdrom" and disks[1].find("readonly") is not None
+    assert root.find("devices/controller[@model='virtio-scsi']") is not None
+    nic = root.find("devices/interface")
+    assert nic.get("type") == "ethernet"
+    assert nic.find("target").attrib == {"dev": "tap0", "managed": "no"}
+    assert nic.find("mac").get("address") == "52:54:00:00:00:01"
+    assert root.find("devices/serial/log").attrib == {"file": "/var/log/vm.log", "append": "on"}
+
+
+def test_no_scsi_controller_without_scsi_disks():
+    root = ET.fromstring(build_domain_xml(spec(disks=[Disk("/x.qcow2", "vda")])))
+    assert root.find("devices/controller") is None
+
+
+def test_cpu_mode_follows_accelerator_and_model():
+    assert ET.fromstring(build_domain_xml(spec(domain_type="kvm"))).find("cpu").get("mode") == "host-model"
+    assert ET.fromstring(build_domain_xml(spec(domain_type="qemu"))).find("cpu") is None
+    cpu = ET.fromstring(build_domain_xml(spec(cpu_model="Haswell"))).find("cpu")
+    assert cpu.get("mode") == "custom" and cpu.findtext("model") == "Haswell"
+
+
+def test_metadata_round_trips_and_hostile_values_stay_data():
+    hostile = {"pod-name": "</vm><evil attr='x'>&amp;", "sandbox-id": "abc"}
+    xml = build_domain_xml(spec(name="a<b>&c", metadata=hostile))
+    root = ET.fromstring(xml)
+    assert root.findtext("name") == "a<b>&c"
+    assert read_metadata(xml) == hostile
+    assert read_metadata(build_domain_xml(spec(metadata={}))) == {}
