@@ -23,8 +23,8 @@ die()  { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 PKGS_LIBVIRT=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
               dnsmasq-base iptables nftables)
 PKGS_PYTHON_BUILD=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev)
-PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio kmod gzip)
-PKGS_TOOLS=(curl ca-certificates procps iproute2)
+PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio gzip)
+PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
 
 [ "$(id -u)" = 0 ] || die "run as root"
 [ -r /etc/debian_version ] || die "this script targets Debian 12 (no /etc/debian_version)"
@@ -115,9 +115,10 @@ setup_venv() {
     fi
     log "python venv: installing vmlet and its dependencies into $VENV"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed"
-    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
+    local pip_log="$VENV/pip-install.log"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >"$pip_log" 2>&1
     "$VENV/bin/pip" install -q --disable-pip-version-check -c "$REPO/deploy/requirements.lock" \
-        -e "$REPO[test]" || die "pip install of vmlet failed"
+        -e "$REPO[test]" >>"$pip_log" 2>&1 || { tail -30 "$pip_log" >&2; die "pip install of vmlet failed (log: $pip_log)"; }
     # Test-only: an independent copy of the upstream CRI descriptor. It pins an
     # old grpcio/protobuf, so it is installed without dependencies and never imported.
     "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \

@@ -20,17 +20,8 @@ import pytest
 
 from tests.support import images, libvirt_env
 from tests.support.http_server import ImageServer
+from tests.support.prereq import require
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require(ok: bool, reason: str) -> None:
-    """A prerequisite: fail under CI, skip elsewhere."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"prerequisite missing (CI=true): {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 # ---------------------------------------------------------------- libvirt
