@@ -51,6 +51,24 @@ class Interface:
 
 
 @dataclass(frozen=True)
+class CPUFeature:
+    name: str
+    policy: str | None = None  # force | require | optional | disable | forbid
+
+
+@dataclass(frozen=True)
+class CPU:
+    """libvirt `<cpu>`; None fields are left out."""
+
+    mode: str | None = None  # host-model | host-passthrough | custom | maximum
+    match: str | None = None
+    check: str | None = None
+    model: str | None = None
+    fallback: str | None = None
+    features: Sequence[CPUFeature] = ()
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     memory_kib: int
@@ -63,7 +81,7 @@ class DomainSpec:
     # virtlogd also appends to this file; virtlogd keeps writing across
     # libvirtd and vmlet restarts.
     console_log: str | None = None
-    cpu_model: str | None = None  # None: host-model under KVM, QEMU's default under TCG
+    cpu: CPU | None = None  # None: host-model under KVM, QEMU's default under TCG
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -101,6 +119,16 @@ def _interface(devices: ET.Element, nic: Interface) -> None:
     _sub(el, "model", type=nic.model)
 
 
+def _cpu(dom: ET.Element, cpu: CPU) -> None:
+    attrs = {k: v for k, v in (("mode", cpu.mode), ("match", cpu.match), ("check", cpu.check)) if v}
+    el = _sub(dom, "cpu", **attrs)
+    if cpu.model:
+        model_attrs = {"fallback": cpu.fallback} if cpu.fallback else {}
+        _sub(el, "model", cpu.model, **model_attrs)
+    for feature in cpu.features:
+        _sub(el, "feature", name=feature.name, **({"policy": feature.policy} if feature.policy else {}))
+
+
 def build_domain_xml(spec: DomainSpec) -> str:
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     dom = ET.Element("domain", {"type": spec.domain_type})
@@ -122,9 +150,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(features, "acpi")  # ACPI power button: graceful shutdown
     _sub(features, "apic")
 
-    if spec.cpu_model:
-        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
-        _sub(cpu, "model", spec.cpu_model, fallback="allow")
+    if spec.cpu is not None:
+        _cpu(dom, spec.cpu)
     elif spec.domain_type == "kvm":
         _sub(dom, "cpu", mode="host-model")
 

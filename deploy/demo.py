@@ -1,107 +1,117 @@
-"""The main job, for now: boot the project's test VM under the local libvirt and show it.
+"""The main job: a VM pod booted through vmlet's CRI socket, the way the kubelet drives it.
 
-Boots the test image with a NoCloud seed on an isolated libvirt network (no
-forwarding: the VM reaches nothing outside this host), streams the serial
-console to stdout, prints the IP the VM leased, then powers it off through the
-ACPI power button and removes everything it created.
+Starts the vmlet daemon on a socket of its own, serves the project's test VM
+image over HTTP on loopback, then plays the kubelet: PullImage,
+RunPodSandbox, CreateContainer, StartContainer, follows the container's CRI
+log (the VM's serial console), shows the pod's and container's status and
+stats, stops the VM through its ACPI power button and removes everything.
 
-Until the CRI shim lands this drives libvirt directly; afterwards the demo
-becomes "a VM pod through the CRI socket". Run via deploy/demo.sh.
+Run via deploy/demo.sh (which sets the host up and builds the image first).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import libvirt
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cri_shim import cloudinit  # noqa: E402
-from cri_shim.domain_xml import Disk, DomainSpec, Interface, build_domain_xml  # noqa: E402
-from tests.support import libvirt_env  # noqa: E402
+from proto.runtime.v1 import api_pb2  # noqa: E402
+from tests.support import cri  # noqa: E402
+from tests.support.http_server import ImageServer  # noqa: E402
+
+IMAGE = "virtlet.cloud/testvm"
+STATE_ROOT = Path("/var/lib/vmlet-demo")
 
 
-def follow(console: libvirt_env.ConsoleLog, dom, until: str, timeout: float, shown: int) -> tuple[int, str | None]:
-    """Print complete console lines from index `shown` on until one starts with `until`.
-
-    Returns (lines printed so far, the matching line or None on timeout/VM stop).
-    """
+def follow(log: Path, until: str, timeout: float, shown: int) -> tuple[int, bool]:
+    """Print new lines of the CRI log from line `shown` until one contains `until`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = console.text().split("\n")[:-1]  # the last element is a partial line
+        lines = log.read_text(errors="replace").split("\n")[:-1] if log.exists() else []
         for index in range(shown, len(lines)):
-            print("  | " + lines[index].rstrip("\r"), flush=True)
-            if lines[index].startswith(until):
-                return index + 1, lines[index].strip()
+            print("  | " + lines[index], flush=True)
+            if until in lines[index]:
+                return index + 1, True
         shown = max(shown, len(lines))
-        if not dom.isActive():
-            break
         time.sleep(0.2)
-    return shown, None
+    return shown, False
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", type=Path, help="the test VM qcow2")
-    parser.add_argument("--domain-type", default=libvirt_env.DOMAIN_TYPE, choices=("qemu", "kvm"),
-                        help="libvirt domain type (qemu = TCG; default %(default)s)")
+    parser.add_argument("image", type=Path, help="the test VM qcow2 (deploy/images/build-test-image.sh)")
+    parser.add_argument("--accelerator", default="auto", choices=("auto", "kvm", "qemu"))
     args = parser.parse_args()
 
-    conn = libvirt_env.connect()
-    work = libvirt_env.WORK_ROOT / f"demo-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True, mode=0o755)
-    libvirt_env.WORK_ROOT.chmod(0o755)
-    net = dom = None
+    STATE_ROOT.mkdir(mode=0o711, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=STATE_ROOT))
+    work.chmod(0o711)
+    server = ImageServer().start()
+    url = server.serve_file("/testvm.qcow2", args.image)
+    config = work / "vmlet.yaml"
+    cri.write_config(config, work / "state", work / "vmlet.sock",
+                     cri.translations_for(work / "translations.yaml", {"testvm": url}),
+                     accelerator=args.accelerator, domain_prefix="vmlet-demo-", log_level="info")
+    daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
+    sandbox_id = None
     try:
-        net = libvirt_env.create_isolated_network(conn)
-        print(f"network   {net.name}: {net.subnet} on bridge {net.bridge}, DHCP, no forwarding")
-        overlay = work / "root.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(args.image), str(overlay)],
-                       check=True)
-        seed = work / "cidata.iso"
-        seed.write_bytes(cloudinit.build_iso("nocloud", instance_id=str(uuid.uuid4()), hostname="vmlet-demo",
-                                             user_data="#!/bin/sh\necho hello from user-data on $(hostname)\n"))
-        spec = DomainSpec(
-            name=libvirt_env.unique_name("demo"), memory_kib=256 * 1024, vcpus=1, domain_type=args.domain_type,
-            disks=[Disk(str(overlay), "vda"), Disk(str(seed), "sda", bus="scsi", device="cdrom", format="raw")],
-            interfaces=[Interface("network", source=net.name)],
-            console_log=str(work / "console.log"),
-        )
-        dom = conn.defineXML(build_domain_xml(spec))
+        print(f"vmlet     starting on unix://{daemon.socket} (log: {daemon.log_file})")
+        client = daemon.start()
+        rt = client.runtime
+        v = rt.Version(api_pb2.VersionRequest())
+        info = json.loads(rt.Status(api_pb2.StatusRequest(verbose=True)).info["config"])
+        print(f"runtime   {v.runtime_name} {v.runtime_version}, CRI {v.runtime_api_version}, "
+              f"accelerator {info['accelerator']} -> libvirt domain type {info['domainType']}")
+        ref = client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=IMAGE))).image_ref
+        print(f"image     {IMAGE} -> {ref} (from {url})")
+
+        pod = cri.pod_config(name="demo-vm", uid=str(uuid.uuid4()), log_directory=str(work / "pods"), annotations={
+            "VirtletVCPUCount": "1",
+            "VirtletCloudInitUserDataScript": "#!/bin/sh\necho \"hello from user-data on $(hostname)\"\n",
+        })
+        sandbox_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+        print(f"sandbox   {sandbox_id[:13]} pod default/demo-vm")
+        cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id, config=cri.container_config(IMAGE, memory_mib=256, envs={"GREETING": "hi"}),
+            sandbox_config=pod)).container_id
         started = time.monotonic()
-        dom.create()
-        print(f"domain    {spec.name} ({args.domain_type}) started; serial console:")
-        console = libvirt_env.ConsoleLog(work / "console.log")
-        shown, ready = follow(console, dom, "VMLET-TESTVM: ready", 180, 0)
-        if ready is None:
+        rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+        status = rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid, verbose=True))
+        print(f"container {cid[:13]} {api_pb2.ContainerState.Name(status.status.state)}; "
+              f"CRI log {status.status.log_path}:")
+        log = Path(status.status.log_path)
+        shown, ready = follow(log, "VMLET-TESTVM: ready", 180, 0)
+        if not ready:
             print("the VM did not finish booting", file=sys.stderr)
             return 1
-        leases = conn.networkLookupByName(net.name).DHCPLeases()
-        ips = ", ".join(f"{l['ipaddr']}/{l['prefix']} ({l['mac']})" for l in leases) or "none"
-        print(f"booted in {time.monotonic() - started:.1f}s; DHCP lease: {ips}")
-        print("pressing the ACPI power button ...")
-        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        follow(console, dom, "VMLET-TESTVM: acpi poweroff", 60, shown)
-        if not libvirt_env.wait_inactive(dom, 60):
-            print("the VM ignored the power button", file=sys.stderr)
-            return 1
-        print("powered off cleanly")
-        return 0
+        print(f"booted    in {time.monotonic() - started:.1f}s")
+        stats = rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=cid)).stats
+        print(f"stats     cpu {stats.cpu.usage_core_nano_seconds.value / 1e9:.2f}s, "
+              f"memory {stats.memory.working_set_bytes.value // 2**20} MiB, "
+              f"disk {stats.writable_layer.used_bytes.value // 2**10} KiB")
+        sb = rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
+        print(f"pod       {api_pb2.PodSandboxState.Name(sb.state)}, IP: {sb.network.ip or '(VM networking not set up yet)'}")
+        print("stopping  (ACPI power button, 30 s grace)")
+        rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=30))
+        follow(log, "VMLET-TESTVM: shutdown complete", 5, shown)
+        st = rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid)).status
+        print(f"container {api_pb2.ContainerState.Name(st.state)}, exit code {st.exit_code} ({st.reason})")
+        return 0 if st.exit_code == 0 else 1
     finally:
-        if dom is not None:
-            libvirt_env.remove_domain(dom)
-        if net is not None:
-            libvirt_env.remove_network(conn.networkLookupByName(net.name))
+        if sandbox_id and daemon.alive():
+            daemon.client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+            print("removed   pod sandbox, its VM and disks")
+        daemon.stop()
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
-        conn.close()
 
 
 if __name__ == "__main__":

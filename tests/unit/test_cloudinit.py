@@ -58,3 +58,336 @@ def test_hostile_metadata_stays_data():
 def test_unknown_type_is_rejected():
     with pytest.raises(ValueError, match="nocloud or configdrive"):
         cloudinit.build_iso("iso", "u", "h")
+
+
+# --- compose: cloud-init data for one VM pod -----------------------------------------------
+
+import subprocess  # noqa: E402
+
+from cri_shim.annotations import VMAnnotations  # noqa: E402
+from cri_shim.cloudinit import CloudInitError, Mount, compose  # noqa: E402
+
+KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOaXnZ1m5hUoZ6xw0kQ6Xo1v alice@laptop"
+KEY2 = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAy"
+KEY3 = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCaJEcFDXEK2Z from-secret"
+
+
+def vm(**annotations: str) -> VMAnnotations:
+    return VMAnnotations.from_pod_annotations(annotations)
+
+
+def make(v: VMAnnotations | None = None, **kwargs) -> cloudinit.CloudInitData:
+    args = {"pod_uid": "6f1c7d2e-uid", "pod_name": "web-0", "hostname": "web-0"}
+    args.update(kwargs)
+    return compose(v or vm(), **args)
+
+
+def cloud_config(data: cloudinit.CloudInitData) -> dict:
+    assert data.user_data.startswith("#cloud-config\n")
+    return yaml.safe_load(data.user_data) or {}
+
+
+def test_plain_pod():
+    data = make()
+    assert data.image_type == "nocloud"
+    assert data.meta_data == {"instance-id": "6f1c7d2e-uid", "local-hostname": "web-0"}
+    assert data.user_data == "#cloud-config\n"
+    assert data.network_config is None
+
+
+def test_ssh_keys_go_to_meta_data_and_user_data():
+    data = make(vm(VirtletSSHKeys=f"{KEY1}\n{KEY2}\n"))
+    assert data.meta_data["public-keys"] == [KEY1, KEY2]
+    assert cloud_config(data) == {"ssh_authorized_keys": [KEY1, KEY2]}
+
+
+def test_ssh_keys_from_source_come_first_and_overwrite_drops_them():
+    v = vm(VirtletSSHKeys=KEY1, VirtletSSHKeySource="secret/keys")
+    assert make(v, source_ssh_keys=[KEY3, KEY1]).meta_data["public-keys"] == [KEY3, KEY1]
+    v = vm(VirtletSSHKeys=KEY1, VirtletCloudInitUserDataOverwrite="true")
+    data = make(v, source_ssh_keys=[KEY3])
+    assert data.meta_data["public-keys"] == [KEY1]
+    assert cloud_config(data)["ssh_authorized_keys"] == [KEY1]
+    # overwrite without annotation keys keeps the source's keys (virtlet)
+    v = vm(VirtletCloudInitUserDataOverwrite="true")
+    assert make(v, source_ssh_keys=[KEY3]).meta_data["public-keys"] == [KEY3]
+
+
+def test_meta_data_annotation_wins():
+    data = make(vm(VirtletSSHKeys=KEY1,
+                   VirtletCloudInitMetaData="instance-id: foobar\nextra: {a: 1}\npublic-keys: [mine]\n"))
+    assert data.meta_data == {"instance-id": "foobar", "local-hostname": "web-0", "public-keys": ["mine"],
+                              "extra": {"a": 1}}
+
+
+def test_configdrive_meta_data_has_openstack_names():
+    data = make(vm(VirtletCloudInitImageType="configdrive", VirtletSSHKeys=KEY1))
+    assert data.image_type == "configdrive"
+    assert data.meta_data == {
+        "instance-id": "6f1c7d2e-uid", "uuid": "6f1c7d2e-uid",
+        "local-hostname": "web-0", "hostname": "web-0", "name": "web-0",
+        "public-keys": [KEY1], "public_keys": [KEY1],
+    }
+
+
+def test_configdrive_uuid_follows_an_overridden_instance_id():
+    data = make(vm(VirtletCloudInitMetaData="instance-id: foobar\nlocal-hostname: other"),
+                image_type="configdrive")
+    assert data.meta_data["uuid"] == "foobar"
+    assert data.meta_data["hostname"] == "other"
+
+
+def test_env_file_exact():
+    data = make(env={"MY_FOO_VAR": "foo", "A_PATH": "/usr/bin:/bin", "EMPTY": ""})
+    assert cloud_config(data) == {"write_files": [{
+        "path": "/etc/cloud/environment",
+        "permissions": "0644",
+        "content": "A_PATH=/usr/bin:/bin\nEMPTY=\nMY_FOO_VAR=foo\n",
+    }]}
+
+
+HOSTILE_ENV = {
+    "QUOTES": "it's \"quoted\"",
+    "SUBST": "$(touch /tmp/pwned) `id` ${HOME}",
+    "MULTI": "line1\nline2\n",
+    "BACKSLASH": "a\\b\\'c",
+    "UNICODE": "héllo ✓",
+    "SEMI": "x; rm -rf /",
+    "SPACE": " padded ",
+}
+
+
+def test_env_file_quoting():
+    content = cloudinit.env_file_content(HOSTILE_ENV)
+    assert "QUOTES='it'\\''s \"quoted\"'\n" in content
+    assert "SEMI='x; rm -rf /'\n" in content
+
+
+def test_env_file_is_sourced_by_sh_to_the_same_values(tmp_path):
+    path = tmp_path / "environment"
+    path.write_text(cloudinit.env_file_content(HOSTILE_ENV))
+    for name, value in HOSTILE_ENV.items():
+        out = subprocess.run(["sh", "-c", f'. "$1" && printf %s "${name}"', "sh", str(path)],
+                             capture_output=True, text=True, check=True, cwd=tmp_path)
+        assert out.stdout == value, name
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("env", [{"my-var": "x"}, {"1X": "x"}, {"A=B": "x"}, {"": "x"}, {"A": "x\x00y"}])
+def test_env_file_bad(env):
+    with pytest.raises(CloudInitError):
+        make(env=env)
+
+
+def test_mounts_entries_and_script():
+    mounts = [Mount("/var/lib/kubelet/pods/u/volumes/data", "/data"),
+              Mount("/var/lib/kubelet/pods/u/volumes/cfg", "/etc/my app-cfg".replace(" ", "_"), read_only=True)]
+    data = make(mounts=mounts)
+    t0, t1 = mounts[0].tag, mounts[1].tag
+    script = (
+        "#!/bin/sh\n"
+        f"if ! mountpoint -q /data; then mkdir -p /data && mount -t 9p -o trans=virtio,version=9p2000.L {t0} /data; fi\n"
+        f"if ! mountpoint -q /etc/my_app-cfg; then mkdir -p /etc/my_app-cfg && "
+        f"mount -t 9p -o trans=virtio,version=9p2000.L,ro {t1} /etc/my_app-cfg; fi\n"
+    )
+    assert cloud_config(data) == {
+        "mounts": [[t0, "/data", "9p", "trans=virtio,version=9p2000.L,nofail", "0", "0"],
+                   [t1, "/etc/my_app-cfg", "9p", "trans=virtio,version=9p2000.L,ro,nofail", "0", "0"]],
+        "write_files": [{"path": "/etc/cloud/mount-volumes.sh", "permissions": "0755", "content": script}],
+    }
+
+
+def test_mount_tag_is_stable_unique_and_short():
+    a, b = Mount("/h1", "/a/data"), Mount("/h2", "/b/data")
+    assert a.tag != b.tag
+    assert a.tag == Mount("/elsewhere", "/a/data", read_only=True).tag
+    assert len(a.tag) <= 31 and a.tag.isalnum()
+
+
+def test_mount_script_quotes_paths():
+    script = cloudinit.mount_script([Mount("/h", "/opt/it's$x")])
+    assert "mountpoint -q '/opt/it'\"'\"'s$x'" in script
+
+
+@pytest.mark.parametrize("host,container", [
+    ("/h", "relative"), ("/h", "/"), ("/h", "/a/../etc"), ("/h", "/a//b"), ("/h", "/a/"), ("/h", "/with space"),
+    ("/h", "/tab\there"), ("/h", "/nl\nx"), ("relative", "/data"), ("/h\x00", "/data"),
+])
+def test_mount_bad_paths(host, container):
+    with pytest.raises(CloudInitError):
+        Mount(host, container)
+
+
+def test_duplicate_mount_paths_rejected():
+    with pytest.raises(CloudInitError, match="share a container path"):
+        make(mounts=[Mount("/h1", "/data"), Mount("/h2", "/data")])
+
+
+def test_user_data_is_merged_like_virtlet():
+    v = vm(VirtletSSHKeys=KEY1, VirtletCloudInitUserData="""
+users:
+- name: cloudy
+ssh_authorized_keys: [mine]
+write_files:
+- path: /etc/foobar
+  content: whatever
+runcmd: [echo hi]
+package_update: true
+""")
+    data = make(v, env={"foo": "bar"}, mounts=[Mount("/h", "/opt")])
+    cfg = cloud_config(data)
+    assert cfg["users"] == [{"name": "cloudy"}]
+    assert cfg["ssh_authorized_keys"] == [KEY1, "mine"]  # lists concatenate, generated first
+    assert [f["path"] for f in cfg["write_files"]] == [
+        "/etc/cloud/mount-volumes.sh", "/etc/cloud/environment", "/etc/foobar"]
+    assert cfg["runcmd"] == ["echo hi"]
+    assert cfg["package_update"] is True
+    assert len(cfg["mounts"]) == 1
+
+
+def test_merge_user_data_rules():
+    base = {"d": {"x": 1, "l": [1], "keep": True}, "l": [1, 2], "s": "base", "t": [1], "gone": 1}
+    over = {"d": {"x": 2, "l": [3], "new": "n"}, "l": [3], "s": "over", "t": {"now": "dict"}, "gone": None,
+            "absent": None}
+    assert cloudinit.merge_user_data(base, over) == {
+        "d": {"x": 2, "l": [1, 3], "keep": True, "new": "n"},
+        "l": [1, 2, 3], "s": "over", "t": {"now": "dict"}, "absent": None,
+    }
+    assert base["l"] == [1, 2] and base["d"]["l"] == [1]  # inputs untouched
+
+
+def test_null_in_user_data_deletes_a_generated_key():
+    cfg = cloud_config(make(vm(VirtletSSHKeys=KEY1, VirtletCloudInitUserData="ssh_authorized_keys: null"),
+                            env={"A": "b"}))
+    assert "ssh_authorized_keys" not in cfg
+    assert "write_files" in cfg
+
+
+def test_overwrite_replaces_generated_keys_by_name():
+    v = vm(VirtletSSHKeys=KEY1, VirtletCloudInitUserDataOverwrite="true",
+           VirtletCloudInitUserData="write_files:\n- {path: /mine, content: x}\nusers: [{name: cloudy}]\n")
+    cfg = cloud_config(make(v, env={"A": "b"}))
+    assert cfg == {
+        "write_files": [{"path": "/mine", "content": "x"}],  # the env file is gone: key replaced whole
+        "users": [{"name": "cloudy"}],
+        "ssh_authorized_keys": [KEY1],  # not named by the annotation: stays
+    }
+
+
+def test_source_user_data_layers_under_the_annotation():
+    source = {"runcmd": ["from-source"], "bootcmd": ["b"], "final_message": "source"}
+    v = vm(VirtletCloudInitUserData="runcmd: [from-annotation]\nfinal_message: annotation\n",
+           VirtletCloudInitUserDataSource="configmap/ud")
+    cfg = cloud_config(make(v, source_user_data=source))
+    assert cfg == {"runcmd": ["from-source", "from-annotation"], "bootcmd": ["b"], "final_message": "annotation"}
+    # with overwrite, the annotation replaces the source's data wholesale (virtlet)
+    v = vm(VirtletCloudInitUserData="runcmd: [from-annotation]", VirtletCloudInitUserDataOverwrite="true")
+    assert cloud_config(make(v, source_user_data=source)) == {"runcmd": ["from-annotation"]}
+    # source alone
+    assert cloud_config(make(vm(), source_user_data=source)) == source
+    assert source == {"runcmd": ["from-source"], "bootcmd": ["b"], "final_message": "source"}
+
+
+def test_source_user_data_is_checked():
+    with pytest.raises(CloudInitError):
+        make(source_user_data={"x": float("nan")})
+    with pytest.raises(CloudInitError):
+        make(source_user_data={"x": object()})
+    with pytest.raises(CloudInitError):
+        make(source_user_data={1: "x"})
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"source_ssh_keys": ["not a key"]}, {"source_ssh_keys": KEY1}, {"source_ssh_keys": [1]},
+    {"source_user_data_script": "echo \x00"}, {"source_user_data_script": "echo \ud800"},
+    {"env": {"A": "\ud800"}},
+])
+def test_bad_resolved_data(kwargs):
+    with pytest.raises(CloudInitError):
+        make(**kwargs)
+
+
+def test_user_data_script_with_placeholder():
+    mounts = [Mount("/h", "/opt")]
+    v = vm(VirtletCloudInitUserDataScript="#!/bin/sh\necho hi\n@virtlet-mount-script@\necho done\n",
+           VirtletCloudInitUserData="users: [{name: ignored}]", VirtletSSHKeys=KEY1)
+    data = make(v, mounts=mounts, env={"A": "b"})
+    assert data.user_data == "#!/bin/sh\necho hi\n" + cloudinit.mount_script(mounts) + "\necho done\n"
+    assert "ignored" not in data.user_data
+    assert data.meta_data["public-keys"] == [KEY1]  # keys still reach the VM through meta-data
+
+
+def test_user_data_script_placeholder_only_and_without_mounts():
+    v = vm(VirtletCloudInitUserDataScript="@virtlet-mount-script@")
+    mounts = [Mount("/h", "/opt")]
+    assert make(v, mounts=mounts).user_data == cloudinit.mount_script(mounts)
+    assert make(v).user_data == ""
+    v = vm(VirtletCloudInitUserDataScript="#!/bin/sh\n@virtlet-mount-script@echo x\n")
+    assert make(v).user_data == "#!/bin/sh\necho x\n"
+
+
+def test_source_script_wins_over_annotation_script():
+    v = vm(VirtletCloudInitUserDataScript="#!/bin/sh\necho annotation\n")
+    assert make(v, source_user_data_script="#!/bin/sh\necho source\n").user_data == "#!/bin/sh\necho source\n"
+
+
+def test_network_config_passes_through_as_a_copy():
+    net = {"version": 2, "ethernets": {"eth0": {"dhcp4": True, "match": {"macaddress": "52:54:00:12:34:56"}}}}
+    data = make(network_config=net)
+    assert data.network_config == net
+    data.network_config["ethernets"]["eth0"]["dhcp4"] = False
+    assert net["ethernets"]["eth0"]["dhcp4"] is True
+
+
+def test_output_is_deterministic_and_alias_free():
+    a = make(vm(VirtletSSHKeys=f"{KEY1}\n{KEY2}", VirtletCloudInitUserData="b: [1]\na: {z: 1, y: 2}"),
+             env={"Z": "1", "A": "2"}, mounts=[Mount("/h", "/opt")])
+    b = make(vm(VirtletCloudInitUserData="a: {y: 2, z: 1}\nb: [1]", VirtletSSHKeys=f"{KEY1}\n{KEY2}"),
+             env={"A": "2", "Z": "1"}, mounts=[Mount("/h", "/opt")])
+    assert a == b
+    assert "&id" not in a.user_data and "*id" not in a.user_data
+    keys = [line.split(":")[0] for line in a.user_data.splitlines()[1:] if line and not line.startswith((" ", "-"))]
+    assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"hostname": ""}, {"hostname": "bad host"}, {"hostname": "-x"}, {"pod_uid": ""}, {"pod_uid": "a\nb"},
+    {"pod_name": "x" * 300}, {"image_type": "iso"},
+])
+def test_bad_pod_facts(kwargs):
+    with pytest.raises(CloudInitError):
+        make(**kwargs)
+
+
+def test_nocloud_iso_for_composed_data():
+    v = vm(VirtletSSHKeys=KEY1, VirtletCloudInitUserData="users: [{name: cloudy}]")
+    net = {"version": 1, "config": []}
+    data = make(v, env={"A": "b"}, network_config=net)
+    label, files = read_iso(cloudinit.build_iso_for(data))
+    assert label == "cidata"
+    assert sorted(files) == ["meta-data", "network-config", "user-data"]
+    assert yaml.safe_load(files["meta-data"]) == data.meta_data
+    assert files["user-data"].decode() == data.user_data
+    assert yaml.safe_load(files["user-data"])["users"] == [{"name": "cloudy"}]
+    assert yaml.safe_load(files["network-config"]) == net
+
+
+def test_configdrive_iso_for_composed_data():
+    v = vm(VirtletCloudInitImageType="configdrive", VirtletSSHKeys=KEY1,
+           VirtletCloudInitUserDataScript="#!/bin/sh\necho hi\n")
+    net = {"links": [], "networks": [], "services": []}
+    data = make(v, network_config=net)
+    label, files = read_iso(cloudinit.build_iso_for(data))
+    assert label == "config-2"
+    assert sorted(files) == ["openstack/latest/meta_data.json", "openstack/latest/network_data.json",
+                             "openstack/latest/user_data"]
+    meta = json.loads(files["openstack/latest/meta_data.json"])
+    assert meta["uuid"] == "6f1c7d2e-uid" and meta["public_keys"] == [KEY1]
+    assert files["openstack/latest/user_data"] == b"#!/bin/sh\necho hi\n"
+    assert json.loads(files["openstack/latest/network_data.json"]) == net
+
+
+def test_iso_for_unicode_user_data():
+    data = make(vm(VirtletCloudInitUserData="final_message: héllo ✓"), env={"U": "ü"})
+    _, files = read_iso(cloudinit.build_iso_for(data))
+    assert yaml.safe_load(files["user-data"].decode("utf-8"))["final_message"] == "héllo ✓"

@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from cri_shim.domain_xml import Disk, DomainSpec, Interface, build_domain_xml, read_metadata
+from cri_shim.domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, build_domain_xml, read_metadata
 
 
 def spec(**overrides) -> DomainSpec:
@@ -44,8 +44,13 @@ def test_no_scsi_controller_without_scsi_disks():
 def test_cpu_mode_follows_accelerator_and_model():
     assert ET.fromstring(build_domain_xml(spec(domain_type="kvm"))).find("cpu").get("mode") == "host-model"
     assert ET.fromstring(build_domain_xml(spec(domain_type="qemu"))).find("cpu") is None
-    cpu = ET.fromstring(build_domain_xml(spec(cpu_model="Haswell"))).find("cpu")
+    cpu = ET.fromstring(build_domain_xml(spec(cpu=CPU(mode="custom", model="Haswell", fallback="allow",
+                                                      features=[CPUFeature("vmx", "disable")])))).find("cpu")
     assert cpu.get("mode") == "custom" and cpu.findtext("model") == "Haswell"
+    assert cpu.find("model").get("fallback") == "allow"
+    assert cpu.find("feature").attrib == {"name": "vmx", "policy": "disable"}
+    assert ET.fromstring(build_domain_xml(spec(cpu=CPU(mode="host-passthrough")))).find("cpu").attrib \
+        == {"mode": "host-passthrough"}
 
 
 def test_metadata_round_trips_and_hostile_values_stay_data():

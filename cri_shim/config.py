@@ -1,0 +1,70 @@
+"""vmlet's configuration: a YAML file, overridden by command-line flags.
+
+Every setting has a default that works on a Debian node set up by
+deploy/setup-host.sh; unknown keys are an error (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: Path = Path("/run/vmlet/vmlet.sock")
+    libvirt_uri: str = "qemu:///system"
+    state_dir: Path = Path("/var/lib/vmlet")
+    # auto: KVM when a probe guest really boots under it, else TCG ("qemu").
+    accelerator: Literal["auto", "kvm", "qemu"] = "auto"
+    # The image the accelerator probe boots (any bootable image that prints to
+    # the serial console); without one, `auto` decides from the host alone.
+    accelerator_probe_image: Path | None = None
+    image_translations: Path | None = None
+    # Address ranges image downloads may not reach (default: link-local and
+    # cloud metadata) and exceptions to that (e.g. a mirror on loopback).
+    image_deny_networks: list[str] | None = None
+    image_allow_networks: list[str] = []
+    # Without a memory limit in the pod spec a VM gets this much (virtlet: 1 GiB).
+    default_memory_mib: int = Field(1024, ge=64)
+    max_vcpus: int = Field(64, ge=1)
+    # Cap on VirtletRootVolumeSize and image virtual size.
+    max_root_volume_gib: int = Field(2048, ge=1)
+    # Domain names are <prefix><container id[:32]>; tests use their own prefix.
+    domain_prefix: str = Field("vmlet-", pattern=r"^[a-z][a-z0-9-]{0,20}$")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "vmlet.db"
+
+
+def load(path: Path | None, **overrides) -> Config:
+    data: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data.update(loaded or {})
+    data.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None

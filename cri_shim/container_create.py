@@ -1,0 +1,175 @@
+"""CreateContainer: build the VM — root overlay, cloud-init disk, libvirt domain.
+
+validate → reserve → build files → define domain → record → answer. Any
+failure rolls back what was built; a crash half-way leaves a domain or a
+directory without a record, which recovery removes on the next start. The
+domain's metadata names the container, sandbox and pod, so state can be
+rebuilt from libvirt alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+
+from image_service.errors import ImageError
+from proto.runtime.v1 import api_pb2
+
+from . import cloudinit, errors, validation
+from .annotations import AnnotationError, VMAnnotations
+from .crashpoints import crashpoint
+from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, build_domain_xml
+from .runtime import Runtime, new_id, now_ns
+from .state import ContainerRecord, NameConflict
+from .volumes import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
+
+log = logging.getLogger("vmlet.cri")
+
+MIB = 1024 * 1024
+
+
+def container_name_key(cfg: api_pb2.ContainerConfig, sandbox_cfg: api_pb2.PodSandboxConfig) -> str:
+    md, smd = cfg.metadata, sandbox_cfg.metadata
+    return "_".join((md.name, smd.name, smd.namespace, smd.uid, str(md.attempt)))
+
+
+def hostname_for(pod_name: str) -> str:
+    """A valid host name (RFC 1123 label) from the pod name."""
+    label = re.sub(r"[^a-z0-9-]+", "-", pod_name.lower()).strip("-")[:63].strip("-")
+    return label or "vm"
+
+
+def cpu_for(vm: VMAnnotations) -> CPU | None:
+    """The domain's <cpu> from VirtletLibvirtCPUSetting, else VirtletCPUModel, else the default."""
+    s = vm.libvirt_cpu
+    if s is not None:
+        return CPU(mode=s.mode, match=s.match, check=s.check,
+                   model=s.model.value if s.model else None, fallback=s.model.fallback if s.model else None,
+                   features=[CPUFeature(f.name, f.policy) for f in s.features])
+    if vm.cpu_mode is not None:
+        return CPU(mode=vm.cpu_mode, model=vm.cpu_model_name)
+    return None
+
+
+def vm_resources(rt: Runtime, cfg: api_pb2.ContainerConfig, vm: VMAnnotations) -> tuple[int, int]:
+    """(memory in MiB, vCPUs) from the container's limits and the pod's annotations."""
+    res = cfg.linux.resources
+    memory_mib = math.ceil(res.memory_limit_in_bytes / MIB) if res.memory_limit_in_bytes > 0 \
+        else rt.config.default_memory_mib
+    if memory_mib < 64:
+        raise errors.invalid_argument(f"config.linux.resources.memory_limit_in_bytes is "
+                                      f"{res.memory_limit_in_bytes}; a VM needs at least 64 MiB")
+    if vm.vcpu_count:
+        vcpus = vm.vcpu_count
+    elif res.cpu_quota > 0 and res.cpu_period > 0:
+        vcpus = max(1, math.ceil(res.cpu_quota / res.cpu_period))
+    else:
+        vcpus = 1
+    if vcpus > rt.config.max_vcpus:
+        raise errors.invalid_argument(f"the VM would get {vcpus} vCPUs; this node allows at most "
+                                      f"{rt.config.max_vcpus} (VirtletVCPUCount or the CPU limit)")
+    return memory_mib, vcpus
+
+
+def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb2.CreateContainerResponse:
+    sb = rt.sandbox(req.pod_sandbox_id)
+    cfg = req.config
+    if not cfg.HasField("metadata"):
+        raise errors.invalid_argument("config.metadata must be set")
+    validation.name(cfg.metadata.name, "config.metadata.name")
+    if not cfg.image.image:
+        raise errors.invalid_argument("config.image.image must name the VM image")
+    with rt.lock(sb.id):
+        sb = rt.sandbox(sb.id)
+        if sb.state != api_pb2.SANDBOX_READY:
+            raise errors.failed_precondition(f"pod sandbox {sb.id} is not ready")
+        existing = rt.store.containers_of(sb.id)
+        if existing:
+            raise errors.failed_precondition(
+                f"a VM pod has exactly one container: sandbox {sb.id} already has container "
+                f"{existing[0].id} ({rt.container_config(existing[0]).metadata.name!r})")
+        sandbox_cfg = rt.sandbox_config(sb)
+        try:
+            vm = VMAnnotations.from_pod_annotations(sandbox_cfg.annotations)
+        except AnnotationError as e:
+            raise errors.invalid_argument(str(e)) from None
+        memory_mib, vcpus = vm_resources(rt, cfg, vm)
+        log_path = validation.log_path(sandbox_cfg.log_directory, cfg.log_path)
+        return _build(rt, sb.id, sandbox_cfg, cfg, vm, memory_mib, vcpus, log_path)
+
+
+def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, cfg: api_pb2.ContainerConfig,
+           vm: VMAnnotations, memory_mib: int, vcpus: int, log_path: str) -> api_pb2.CreateContainerResponse:
+    container_id = new_id()
+    files = vm_files(rt.config.vms_dir, container_id)
+    domain = rt.domain_name_for(container_id)
+    domain_uuid = str(uuid.UUID(container_id[:32]))
+    try:
+        image = rt.images.get(cfg.image.image)
+        if image is None:
+            raise errors.not_found(f"image {cfg.image.image!r} is not present on this node; pull it first")
+        base = rt.images.acquire(image.id, container_id)
+        crashpoint("create.after-acquire")
+        root_size = vm.root_volume_size or None
+        if root_size and root_size > rt.config.max_root_volume_gib * 1024 ** 3:
+            raise errors.invalid_argument(f"VirtletRootVolumeSize {root_size} bytes is above this node's cap of "
+                                          f"{rt.config.max_root_volume_gib} GiB")
+        create_root_overlay(files, base, image.format, root_size)
+        crashpoint("create.after-overlay")
+
+        smd = sandbox_cfg.metadata
+        try:
+            data = cloudinit.compose(
+                vm, pod_uid=smd.uid, pod_name=smd.name, hostname=hostname_for(smd.name),
+                env={kv.key: kv.value for kv in cfg.envs}, mounts=(), network_config=None)
+        except cloudinit.CloudInitError as e:
+            raise errors.invalid_argument(f"cloud-init data: {e}") from None
+        write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
+
+        disks = [Disk(str(files.root_disk), "sda" if vm.disk_driver == "scsi" else "vda", bus=vm.disk_driver),
+                 Disk(str(files.cloud_init_iso), "sdb" if vm.disk_driver == "scsi" else "vdb",
+                      bus=vm.disk_driver, format="raw", readonly=True)]
+        spec = DomainSpec(
+            name=domain, uuid=domain_uuid, memory_kib=memory_mib * 1024, vcpus=vcpus,
+            domain_type=rt.domain_type, disks=disks, console_log=str(files.console_log),
+            cpu=cpu_for(vm),
+            metadata={
+                "instance": rt.instance_id, "container-id": container_id, "sandbox-id": sandbox_id,
+                "pod-name": smd.name, "pod-namespace": smd.namespace, "pod-uid": smd.uid,
+                "container-name": cfg.metadata.name, "attempt": str(cfg.metadata.attempt),
+                "image": cfg.image.image, "image-ref": f"sha256:{image.id}",
+            })
+        rt.host.define(build_domain_xml(spec))
+        crashpoint("create.after-define")
+
+        record = ContainerRecord(
+            id=container_id, sandbox_id=sandbox_id, name_key=container_name_key(cfg, sandbox_cfg),
+            state=api_pb2.CONTAINER_CREATED, created_at=now_ns(), image=cfg.image.image,
+            image_ref=f"sha256:{image.id}", domain_name=domain, domain_uuid=domain_uuid,
+            log_path=log_path, config=cfg.SerializeToString())
+        try:
+            rt.store.add_container(record)
+        except NameConflict as e:
+            raise errors.already_exists(f"container name {e.name_key!r} is already reserved for container "
+                                        f"{e.owner_id}") from None
+        crashpoint("create.after-record")
+    except BaseException as e:
+        _rollback(rt, container_id, domain, files)
+        if isinstance(e, ImageError):
+            raise errors.CRIError(e.code, str(e)) from None
+        if isinstance(e, VolumeError):
+            raise errors.failed_precondition(f"cannot create the VM's root disk: {e}") from None
+        raise
+    rt.events.container_event(rt, container_id, api_pb2.CONTAINER_CREATED_EVENT)
+    return api_pb2.CreateContainerResponse(container_id=container_id)
+
+
+def _rollback(rt: Runtime, container_id: str, domain: str, files) -> None:
+    try:
+        rt.host.undefine(domain)
+    except Exception:  # noqa: BLE001 - recovery removes what is left; report the original error
+        log.exception("rollback: cannot undefine %s", domain)
+    remove_vm_files(files)
+    rt.images.release_holder(container_id)

@@ -1,0 +1,83 @@
+"""ContainerStatus and ListContainers (and its streaming twin)."""
+
+from __future__ import annotations
+
+import json
+
+from proto.runtime.v1 import api_pb2
+
+from .filters import id_matches, labels_match
+from .runtime import Runtime
+from .state import ContainerRecord
+from .volumes import vm_files
+
+
+def _resources(cfg: api_pb2.ContainerConfig) -> api_pb2.ContainerResources:
+    res = api_pb2.ContainerResources()
+    if cfg.linux.HasField("resources"):
+        res.linux.CopyFrom(cfg.linux.resources)
+    return res
+
+
+def to_status(rt: Runtime, c: ContainerRecord) -> api_pb2.ContainerStatus:
+    cfg = rt.container_config(c)
+    return api_pb2.ContainerStatus(
+        id=c.id, metadata=cfg.metadata, state=c.state,
+        created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
+        exit_code=c.exit_code, reason=c.reason, message=c.message,
+        image=api_pb2.ImageSpec(image=c.image, annotations=cfg.image.annotations),
+        image_ref=c.image_ref, image_id=c.image_ref,
+        labels=cfg.labels, annotations=cfg.annotations, mounts=cfg.mounts,
+        log_path=c.log_path, resources=_resources(cfg))
+
+
+def to_list_item(rt: Runtime, c: ContainerRecord) -> api_pb2.Container:
+    return rt.derived.get("list-item", c, _build_list_item)
+
+
+def _build_list_item(rt: Runtime, c: ContainerRecord) -> api_pb2.Container:
+    cfg = rt.container_config(c)
+    return api_pb2.Container(
+        id=c.id, pod_sandbox_id=c.sandbox_id, metadata=cfg.metadata,
+        image=api_pb2.ImageSpec(image=c.image), image_ref=c.image_ref, image_id=c.image_ref,
+        state=c.state, created_at=c.created_at, labels=cfg.labels, annotations=cfg.annotations)
+
+
+def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb2.ContainerStatusResponse:
+    c = rt.container(req.container_id)
+    if c.state == api_pb2.CONTAINER_RUNNING:
+        c = rt.record_exit(c.id) or c  # catch an exit whose event was missed
+    resp = api_pb2.ContainerStatusResponse(status=to_status(rt, c))
+    if req.verbose:
+        files = vm_files(rt.config.vms_dir, c.id)
+        resp.info["info"] = json.dumps({
+            "sandboxID": c.sandbox_id,
+            "domain": c.domain_name,
+            "domainUUID": c.domain_uuid,
+            "domainType": rt.domain_type,
+            "vmDir": str(files.dir),
+            "rootDisk": str(files.root_disk),
+            "cloudInitImage": str(files.cloud_init_iso),
+            "consoleLog": str(files.console_log),
+        }, sort_keys=True)
+    return resp
+
+
+def list_containers(rt: Runtime, flt: api_pb2.ContainerFilter | None) -> list[api_pb2.Container]:
+    _, containers = rt.store.snapshot()
+    out = []
+    for c in containers:
+        if flt is not None:
+            if not id_matches(c.id, flt.id) or not id_matches(c.sandbox_id, flt.pod_sandbox_id):
+                continue
+            if flt.HasField("state") and c.state != flt.state.state:
+                continue
+            if flt.label_selector and not labels_match(rt.container_config(c).labels, flt.label_selector):
+                continue
+        out.append(to_list_item(rt, c))
+    out.sort(key=lambda c: c.created_at)
+    return out
+
+
+def list_containers_rpc(rt: Runtime, req: api_pb2.ListContainersRequest) -> api_pb2.ListContainersResponse:
+    return api_pb2.ListContainersResponse(containers=list_containers(rt, req.filter if req.HasField("filter") else None))

@@ -1,0 +1,184 @@
+"""The shim's view of libvirtd: one connection, an event loop, domain operations.
+
+libvirt-python needs its default event loop registered before the first
+connection opens and running in a thread for lifecycle events to arrive;
+this module owns both. Domain lifecycle events are handed to listeners as
+(domain name, event, detail) so the runtime can record exits as they happen.
+Operations tolerate "already gone" so Stop/Remove stay idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import libvirt
+
+from . import domain_xml
+
+log = logging.getLogger("vmlet.libvirt")
+
+LifecycleListener = Callable[[str, int, int], None]
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+# libvirt prints every error to stderr by default; errors reach us as exceptions.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def _start_event_loop() -> None:
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _is_missing(e: libvirt.libvirtError) -> bool:
+    return e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,)
+
+
+class LibvirtHost:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._lock = threading.RLock()
+        self._conn: libvirt.virConnect | None = None
+        self._listeners: list[LifecycleListener] = []
+        _start_event_loop()
+
+    # -------------------------------------------------------------- connection
+
+    def conn(self) -> libvirt.virConnect:
+        """The connection, reopened if libvirtd restarted meanwhile."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.warning("libvirt connection to %s lost; reconnecting", self.uri)
+                self._conn = None
+            conn = libvirt.open(self.uri)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+            conn.setKeepAlive(5, 3)
+            self._conn = conn
+            return conn
+
+    def alive(self) -> tuple[bool, str]:
+        try:
+            self.conn().getLibVersion()
+            return True, ""
+        except libvirt.libvirtError as e:
+            return False, str(e)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+
+    def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
+        self._listeners.append(listener)
+
+    def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
+        name = dom.name()
+        for listener in self._listeners:
+            try:
+                listener(name, event, detail)
+            except Exception:  # noqa: BLE001 - a listener bug must not stop the event loop
+                log.exception("lifecycle listener failed for %s", name)
+
+    # -------------------------------------------------------------- domains
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn().lookupByName(name)
+        except libvirt.libvirtError as e:
+            if _is_missing(e):
+                return None
+            raise
+
+    def define(self, xml: str) -> libvirt.virDomain:
+        return self.conn().defineXML(xml)
+
+    def start(self, name: str) -> None:
+        dom = self.lookup(name)
+        if dom is None:
+            raise LookupError(f"domain {name} does not exist")
+        if not dom.isActive():
+            dom.create()
+
+    def state(self, name: str) -> tuple[int, int] | None:
+        """(libvirt state, reason), or None when the domain does not exist."""
+        dom = self.lookup(name)
+        if dom is None:
+            return None
+        try:
+            return tuple(dom.state())  # type: ignore[return-value]
+        except libvirt.libvirtError as e:
+            if _is_missing(e):
+                return None
+            raise
+
+    def is_active(self, name: str) -> bool:
+        st = self.state(name)
+        return st is not None and st[0] not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
+
+    def shutdown(self, name: str) -> None:
+        """Press the ACPI power button (the guest decides)."""
+        dom = self.lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        except libvirt.libvirtError as e:
+            if not (_is_missing(e) or e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID):
+                raise
+
+    def destroy(self, name: str) -> None:
+        dom = self.lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            if not (_is_missing(e) or e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID):
+                raise
+
+    def undefine(self, name: str) -> None:
+        self.destroy(name)
+        dom = self.lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as e:
+            if not _is_missing(e):
+                raise
+
+    def vmlet_domains(self, instance: str) -> dict[str, dict[str, str]]:
+        """Every domain this vmlet instance created (per its metadata): name -> metadata."""
+        out = {}
+        for dom in self.conn().listAllDomains():
+            try:
+                md = domain_xml.read_metadata(dom.XMLDesc())
+            except libvirt.libvirtError as e:
+                if _is_missing(e):
+                    continue
+                raise
+            if md.get("instance") == instance and md.get("container-id"):
+                out[dom.name()] = md
+        return out

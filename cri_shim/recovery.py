@@ -1,0 +1,79 @@
+"""Start-up reconciliation: make the store, libvirt and the disks agree again.
+
+Run once before the socket opens, after any kind of exit (graceful, kill -9
+at any step, host reboot):
+
+- a vmlet domain whose container has no record (a crash inside
+  CreateContainer) is an orphan: undefined, its files deleted;
+- a VM directory without a record is deleted;
+- a created container whose domain runs (a crash inside StartContainer) is
+  recorded as running;
+- a running container whose domain still runs keeps running and gets its
+  console copier back; one whose domain stopped meanwhile gets its exit
+  recorded; one whose domain is gone is recorded as exited (DomainLost);
+- image references follow the records: every container holds its image,
+  holders that are no containers any more are released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+
+from proto.runtime.v1 import api_pb2
+
+from .runtime import Runtime, now_ns
+
+log = logging.getLogger("vmlet.recovery")
+
+
+def recover(rt: Runtime) -> dict[str, list[str]]:
+    report: dict[str, list[str]] = {"orphan_domains": [], "orphan_dirs": [], "exited": [], "running": [],
+                                    "released_holders": []}
+    containers = dict(rt.store.containers)
+
+    for name, md in rt.host.vmlet_domains(rt.instance_id).items():
+        if md.get("container-id") not in containers:
+            log.warning("removing orphan domain %s (container %s has no record)", name, md.get("container-id"))
+            rt.host.undefine(name)
+            report["orphan_domains"].append(name)
+
+    if rt.config.vms_dir.is_dir():
+        for d in rt.config.vms_dir.iterdir():
+            if d.name not in containers:
+                log.warning("removing orphan VM directory %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+                report["orphan_dirs"].append(d.name)
+
+    for c in containers.values():
+        if rt.images.get(c.image_ref) is not None:
+            rt.images.acquire(c.image_ref, c.id)  # idempotent; re-takes a reference lost in a crash
+        st = rt.host.state(c.domain_name)
+        if st is None and c.state in (api_pb2.CONTAINER_CREATED, api_pb2.CONTAINER_RUNNING):
+            with rt.store_lock():
+                rt.store.update_container(dataclasses.replace(
+                    c, state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(), exit_code=1,
+                    reason="DomainLost", message="the VM's libvirt domain disappeared while vmlet was not running"))
+            report["exited"].append(c.id)
+        elif c.state == api_pb2.CONTAINER_CREATED and rt.host.is_active(c.domain_name):
+            # StartContainer booted the VM but died before recording it: the VM runs, so say so.
+            c = dataclasses.replace(c, state=api_pb2.CONTAINER_RUNNING, started_at=now_ns())
+            with rt.store_lock():
+                rt.store.update_container(c)
+            rt.start_console(c)
+            report["running"].append(c.id)
+        elif c.state == api_pb2.CONTAINER_RUNNING:
+            if rt.host.is_active(c.domain_name):
+                rt.start_console(c)
+                report["running"].append(c.id)
+            else:
+                rt.record_exit(c.id)
+                report["exited"].append(c.id)
+
+    # Every holding, also of images already removed (their file waits for its last holder).
+    for image_id, holder in rt.images.holdings():
+        if holder not in containers:
+            rt.images.release(image_id, holder)
+            report["released_holders"].append(holder)
+    return report

@@ -1,0 +1,45 @@
+"""StopPodSandbox and RemovePodSandbox.
+
+Stop kills what still runs in the sandbox (the kubelet has already given the
+container its grace period through StopContainer) and releases the sandbox's
+resources; Remove also removes the containers and forgets the sandbox. Both
+are idempotent; removing an unknown sandbox succeeds, as the CRI asks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from proto.runtime.v1 import api_pb2
+
+from .container_stop import remove_vm, stop_vm
+from .runtime import Runtime
+
+
+def stop_pod_sandbox(rt: Runtime, req: api_pb2.StopPodSandboxRequest) -> api_pb2.StopPodSandboxResponse:
+    sb = rt.sandbox(req.pod_sandbox_id)
+    with rt.lock(sb.id):
+        for c in rt.store.containers_of(sb.id):
+            with rt.lock(c.id):
+                stop_vm(rt, c, timeout=0)
+        with rt.store_lock():
+            current = rt.store.sandboxes.get(sb.id)
+            if current is None or current.state == api_pb2.SANDBOX_NOTREADY:
+                return api_pb2.StopPodSandboxResponse()
+            rt.store.update_sandbox(dataclasses.replace(current, state=api_pb2.SANDBOX_NOTREADY))
+        rt.events.container_event(rt, sb.id, api_pb2.CONTAINER_STOPPED_EVENT)
+    return api_pb2.StopPodSandboxResponse()
+
+
+def remove_pod_sandbox(rt: Runtime, req: api_pb2.RemovePodSandboxRequest) -> api_pb2.RemovePodSandboxResponse:
+    sb = rt.find_sandbox(req.pod_sandbox_id)
+    if sb is None:
+        return api_pb2.RemovePodSandboxResponse()
+    with rt.lock(sb.id):
+        for c in rt.store.containers_of(sb.id):
+            with rt.lock(c.id):
+                remove_vm(rt, c)
+        if sb.id in rt.store.sandboxes:
+            rt.store.delete_sandbox(sb.id)
+            rt.events.container_event(rt, sb.id, api_pb2.CONTAINER_DELETED_EVENT, sandbox_id=sb.id)
+    return api_pb2.RemovePodSandboxResponse()

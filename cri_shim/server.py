@@ -1,0 +1,74 @@
+"""Wiring: config → libvirt, image store, runtime, recovery → one gRPC server on a unix socket.
+
+The RuntimeService and the ImageService share the socket, as the kubelet
+expects of one runtime endpoint. Shutdown stops serving and leaves VMs
+running: they are the pods' workloads, not the daemon's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent import futures
+
+import grpc
+
+from image_service import translation
+from image_service.service import ImageService
+from image_service.urlpolicy import AddressPolicy
+from proto.runtime.v1 import api_pb2_grpc
+
+from . import accel, recovery
+from .config import Config
+from .libvirt_host import LibvirtHost
+from .runtime import Runtime
+from .service import RuntimeService
+from .volumes import ensure_traversable
+
+log = logging.getLogger("vmlet")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        ensure_traversable(config.state_dir, config.vms_dir)
+        self.host = LibvirtHost(config.libvirt_uri)
+        domain_type, why = accel.resolve(config.accelerator, config.accelerator_probe_image, config.state_dir)
+        log.info("accelerator %s -> domain type %s (%s)", config.accelerator, domain_type, why)
+        translator = translation.load(config.image_translations) if config.image_translations else None
+        policy = AddressPolicy.from_strings(config.image_deny_networks, config.image_allow_networks)
+        self.images = ImageService(config.state_dir, translator=translator, policy=policy)
+        ensure_traversable(config.state_dir / "images")
+        self.runtime = Runtime(config, self.host, self.images.store, domain_type)
+        report = recovery.recover(self.runtime)
+        log.info("recovered: %s", {k: len(v) for k, v in report.items()})
+        self.server: grpc.Server | None = None
+        self.stopped = threading.Event()
+
+    def serve(self) -> None:
+        socket = self.config.socket
+        socket.parent.mkdir(parents=True, exist_ok=True)
+        socket.unlink(missing_ok=True)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="cri"))
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.runtime), server)
+        api_pb2_grpc.add_ImageServiceServicer_to_server(self.images, server)
+        old = os.umask(0o117)  # socket 0660: root and the runtime's group
+        try:
+            server.add_insecure_port(f"unix://{socket}")
+            server.start()
+        finally:
+            os.umask(old)
+        os.chmod(socket, 0o660)
+        self.server = server
+        log.info("serving the CRI on unix://%s", socket)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            self.server.stop(grace).wait()
+            self.server = None
+        self.runtime.close()
+        self.images.close()
+        self.host.close()
+        self.config.socket.unlink(missing_ok=True)
+        self.stopped.set()

@@ -1,0 +1,176 @@
+"""Container and pod sandbox stats, and the metrics the kubelet can list, from libvirt.
+
+CPU: the domain's total CPU time (all vCPUs and QEMU's own threads), and a
+rate from the previous sample of the same container. Memory: QEMU's
+resident set as working set and usage, the balloon's unused memory as
+available. Writable layer: the allocated bytes of the VM's files. Disk I/O
+(bytes and operations of the root disk) is offered as metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import libvirt
+
+from proto.runtime.v1 import api_pb2
+
+from .filters import id_matches, labels_match
+from .runtime import Runtime
+from .state import ContainerRecord, SandboxRecord
+from .volumes import allocated_bytes, vm_files
+
+
+@dataclass(frozen=True)
+class Sample:
+    timestamp: int  # ns
+    cpu_time: int  # ns
+    rss_bytes: int
+    available_bytes: int | None
+    disk: tuple[int, int, int, int]  # read ops, read bytes, write ops, write bytes
+
+
+_last_cpu: dict[str, tuple[int, int]] = {}
+_last_cpu_lock = threading.Lock()
+
+
+def sample(rt: Runtime, c: ContainerRecord) -> Sample | None:
+    """libvirt's numbers for a running container's VM, or None when it does not run."""
+    if c.state != api_pb2.CONTAINER_RUNNING:
+        return None
+    dom = rt.host.lookup(c.domain_name)
+    try:
+        if dom is None or not dom.isActive():
+            return None
+        cpu_time = int(dom.getCPUStats(True)[0].get("cpu_time", 0))
+        mem = dom.memoryStats()
+        disk = (0, 0, 0, 0)
+        for target in ("vda", "sda"):
+            try:
+                rd_req, rd_bytes, wr_req, wr_bytes, _errs = dom.blockStats(target)
+                disk = (rd_req, rd_bytes, wr_req, wr_bytes)
+                break
+            except libvirt.libvirtError:
+                continue
+    except libvirt.libvirtError:
+        return None  # the VM stopped between the calls
+    available = mem.get("unused")
+    return Sample(timestamp=time.time_ns(), cpu_time=cpu_time, rss_bytes=int(mem.get("rss", 0)) * 1024,
+                  available_bytes=int(available) * 1024 if available is not None else None, disk=disk)
+
+
+def _usage_nano_cores(container_id: str, s: Sample) -> int | None:
+    with _last_cpu_lock:
+        prev = _last_cpu.get(container_id)
+        _last_cpu[container_id] = (s.timestamp, s.cpu_time)
+    if prev is None or s.timestamp <= prev[0]:
+        return None
+    return max(0, (s.cpu_time - prev[1]) * 1_000_000_000 // (s.timestamp - prev[0]))
+
+
+def container_stats(rt: Runtime, c: ContainerRecord) -> api_pb2.ContainerStats:
+    cfg = rt.container_config(c)
+    stats = api_pb2.ContainerStats(attributes=api_pb2.ContainerAttributes(
+        id=c.id, metadata=cfg.metadata, labels=cfg.labels, annotations=cfg.annotations))
+    files = vm_files(rt.config.vms_dir, c.id)
+    now = time.time_ns()
+    stats.writable_layer.timestamp = now
+    stats.writable_layer.fs_id.mountpoint = str(rt.config.vms_dir)
+    stats.writable_layer.used_bytes.value = (allocated_bytes(files.root_disk) + allocated_bytes(files.cloud_init_iso)
+                                             + allocated_bytes(files.console_log))
+    stats.writable_layer.inodes_used.value = sum(1 for p in (files.root_disk, files.cloud_init_iso,
+                                                             files.console_log) if p.exists())
+    s = sample(rt, c)
+    if s is None:
+        return stats
+    stats.cpu.timestamp = s.timestamp
+    stats.cpu.usage_core_nano_seconds.value = s.cpu_time
+    rate = _usage_nano_cores(c.id, s)
+    if rate is not None:
+        stats.cpu.usage_nano_cores.value = rate
+    stats.memory.timestamp = s.timestamp
+    stats.memory.working_set_bytes.value = s.rss_bytes
+    stats.memory.usage_bytes.value = s.rss_bytes
+    stats.memory.rss_bytes.value = s.rss_bytes
+    if s.available_bytes is not None:
+        stats.memory.available_bytes.value = s.available_bytes
+    return stats
+
+
+def pod_sandbox_stats(rt: Runtime, sb: SandboxRecord) -> api_pb2.PodSandboxStats:
+    cfg = rt.sandbox_config(sb)
+    out = api_pb2.PodSandboxStats(attributes=api_pb2.PodSandboxAttributes(
+        id=sb.id, metadata=cfg.metadata, labels=cfg.labels, annotations=cfg.annotations))
+    containers = [container_stats(rt, c) for c in rt.store.containers_of(sb.id)]
+    out.linux.containers.extend(containers)
+    # A VM pod's usage is its one container's.
+    running = [s for s in containers if s.HasField("cpu")]
+    if running:
+        out.linux.cpu.CopyFrom(running[0].cpu)
+        out.linux.memory.CopyFrom(running[0].memory)
+    return out
+
+
+def list_container_stats(rt: Runtime, flt: api_pb2.ContainerStatsFilter | None) -> list[api_pb2.ContainerStats]:
+    _, containers = rt.store.snapshot()
+    out = []
+    for c in containers:
+        if flt is not None:
+            if not id_matches(c.id, flt.id) or not id_matches(c.sandbox_id, flt.pod_sandbox_id):
+                continue
+            if flt.label_selector and not labels_match(rt.container_config(c).labels, flt.label_selector):
+                continue
+        out.append(container_stats(rt, c))
+    return out
+
+
+def list_pod_sandbox_stats(rt: Runtime, flt: api_pb2.PodSandboxStatsFilter | None) -> list[api_pb2.PodSandboxStats]:
+    sandboxes, _ = rt.store.snapshot()
+    out = []
+    for sb in sandboxes:
+        if flt is not None:
+            if not id_matches(sb.id, flt.id):
+                continue
+            if flt.label_selector and not labels_match(rt.sandbox_config(sb).labels, flt.label_selector):
+                continue
+        out.append(pod_sandbox_stats(rt, sb))
+    return out
+
+
+# -------------------------------------------------------------- metrics (cAdvisor names)
+
+METRIC_LABELS = ["container", "id", "image", "namespace", "pod"]
+METRICS = [
+    # name, help, type, how to read it from a Sample
+    ("container_cpu_usage_seconds_total", "Cumulative CPU time consumed by the VM, in nanoseconds.",
+     api_pb2.COUNTER, lambda s: s.cpu_time),
+    ("container_memory_working_set_bytes", "Resident memory of the VM's QEMU process.",
+     api_pb2.GAUGE, lambda s: s.rss_bytes),
+    ("container_fs_reads_total", "Read operations on the VM's root disk.", api_pb2.COUNTER, lambda s: s.disk[0]),
+    ("container_fs_reads_bytes_total", "Bytes read from the VM's root disk.", api_pb2.COUNTER, lambda s: s.disk[1]),
+    ("container_fs_writes_total", "Write operations on the VM's root disk.", api_pb2.COUNTER, lambda s: s.disk[2]),
+    ("container_fs_writes_bytes_total", "Bytes written to the VM's root disk.", api_pb2.COUNTER,
+     lambda s: s.disk[3]),
+]
+
+
+def metric_descriptors() -> list[api_pb2.MetricDescriptor]:
+    return [api_pb2.MetricDescriptor(name=name, help=help_, label_keys=METRIC_LABELS)
+            for name, help_, _type, _read in METRICS]
+
+
+def pod_sandbox_metrics(rt: Runtime, sb: SandboxRecord) -> api_pb2.PodSandboxMetrics:
+    out = api_pb2.PodSandboxMetrics(pod_sandbox_id=sb.id)
+    smd = rt.sandbox_config(sb).metadata
+    for c in rt.store.containers_of(sb.id):
+        s = sample(rt, c)
+        if s is None:
+            continue
+        labels = [rt.container_config(c).metadata.name, c.id, c.image, smd.namespace, smd.name]
+        cm = out.container_metrics.add(container_id=c.id)
+        for name, _help, mtype, read in METRICS:
+            cm.metrics.add(name=name, timestamp=s.timestamp, metric_type=mtype, label_values=labels,
+                           value=api_pb2.UInt64Value(value=int(read(s))))
+    return out

@@ -1,0 +1,32 @@
+"""Exec, ExecSync, Attach, PortForward, CheckpointContainer: what a VM pod does not do (yet).
+
+A VM has no process namespace to exec into; the serial console and SSH are
+the ways in. These answer UNIMPLEMENTED with a message saying so, which is
+how the kubelet expects an unsupported CRI call to fail.
+"""
+
+from __future__ import annotations
+
+from . import errors
+
+_WHY = "VM pods have no exec/attach/port-forward in vmlet yet; reach the VM over SSH or its serial console"
+
+
+def exec_sync(_rt, req):
+    raise errors.unimplemented(f"ExecSync into container {req.container_id}: {_WHY}")
+
+
+def exec_(_rt, req):
+    raise errors.unimplemented(f"Exec into container {req.container_id}: {_WHY}")
+
+
+def attach(_rt, req):
+    raise errors.unimplemented(f"Attach to container {req.container_id}: {_WHY}")
+
+
+def port_forward(_rt, req):
+    raise errors.unimplemented(f"PortForward to pod sandbox {req.pod_sandbox_id}: {_WHY}")
+
+
+def checkpoint_container(_rt, req):
+    raise errors.unimplemented(f"CheckpointContainer {req.container_id}: checkpointing VMs is not supported yet")

@@ -1,0 +1,104 @@
+"""A VM's files: its directory, the copy-on-write root overlay, the cloud-init disk.
+
+Layout, one directory per container so a VM is self-describing on disk:
+
+    <state>/vms/<container-id>/root.qcow2      overlay, backed by the image store's file
+    <state>/vms/<container-id>/cloud-init.iso  NoCloud or ConfigDrive
+    <state>/vms/<container-id>/console.log     the serial console as virtlogd writes it
+
+QEMU runs as an unprivileged user (libvirt's dynamic ownership chowns the
+files it opens), so directories on the way are traversable (0711) but not
+listable by it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+QEMU_IMG_TIMEOUT = 120
+
+
+class VolumeError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class VMFiles:
+    dir: Path
+
+    @property
+    def root_disk(self) -> Path:
+        return self.dir / "root.qcow2"
+
+    @property
+    def cloud_init_iso(self) -> Path:
+        return self.dir / "cloud-init.iso"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+
+def vm_files(vms_dir: Path, container_id: str) -> VMFiles:
+    return VMFiles(vms_dir / container_id)
+
+
+def ensure_traversable(*dirs: Path) -> None:
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o711)
+
+
+def _qemu_img(*args: str) -> str:
+    try:
+        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise VolumeError(f"qemu-img {args[0]} timed out after {QEMU_IMG_TIMEOUT}s") from None
+    if proc.returncode != 0:
+        raise VolumeError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def image_info(path: Path) -> dict:
+    return json.loads(_qemu_img("info", "--output=json", "--force-share", str(path)))
+
+
+def create_root_overlay(files: VMFiles, base: Path, base_format: str, size_bytes: int | None) -> int:
+    """Create the qcow2 overlay on `base`; grow it to `size_bytes` when larger.
+
+    Returns the overlay's virtual size. A requested size below the image's own
+    is ignored, as virtlet does: a disk is never shrunk under its file system.
+    """
+    base_size = int(image_info(base)["virtual-size"])
+    size = max(base_size, size_bytes or 0)
+    files.dir.mkdir(parents=True, exist_ok=True)
+    files.dir.chmod(0o711)
+    _qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base),
+              str(files.root_disk), str(size))
+    return size
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def remove_vm_files(files: VMFiles) -> None:
+    shutil.rmtree(files.dir, ignore_errors=True)
+
+
+def allocated_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0

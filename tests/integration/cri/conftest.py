@@ -1,0 +1,76 @@
+"""Fixtures for driving the real vmlet daemon over its CRI socket."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from proto.runtime.v1 import api_pb2
+from tests.support import cri, libvirt_env
+
+TESTVM = "virtlet.cloud/testvm"
+
+
+@pytest.fixture
+def vmlet_dir(work_root: Path) -> Iterator[Path]:
+    d = work_root / f"vmlet-{uuid.uuid4().hex[:8]}"
+    d.mkdir(mode=0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def vmlet_factory(libvirt_conn, test_image, image_server, vmlet_dir):
+    """Make (not start) a vmlet daemon whose `virtlet.cloud/testvm` is the test image on loopback.
+
+    Teardown removes every pod through the CRI (as the kubelet would), stops
+    the daemon, and sweeps any domain it left (a test that killed it).
+    """
+    url = image_server.serve_file("/testvm.qcow2", test_image)
+    translations = cri.translations_for(vmlet_dir / "translations.yaml", {"testvm": url})
+    made: list[cri.VmletProcess] = []
+
+    def make(**config_extra) -> cri.VmletProcess:
+        state = vmlet_dir / "state"
+        socket = vmlet_dir / "vmlet.sock"
+        config = vmlet_dir / "vmlet.yaml"
+        cri.write_config(config, state, socket, translations, **config_extra)
+        proc = cri.VmletProcess(state, socket, config, vmlet_dir / "vmlet.log")
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        if proc.alive():
+            client = proc.client or cri.connect(proc.socket)
+            try:
+                for sb in client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
+                    client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=60)
+            except grpc.RpcError:
+                pass
+            proc.stop()
+    libvirt_env.sweep(libvirt_conn)
+
+
+@pytest.fixture
+def vmlet(vmlet_factory) -> cri.VmletProcess:
+    proc = vmlet_factory()
+    proc.start()
+    return proc
+
+
+@pytest.fixture
+def client(vmlet) -> cri.Client:
+    return vmlet.client
+
+
+@pytest.fixture
+def pulled(client) -> str:
+    """The test image, pulled; returns its image ref (sha256:...)."""
+    resp = client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)), timeout=120)
+    return resp.image_ref
