@@ -112,7 +112,7 @@ def write_config(path: Path, state_dir: Path, socket: Path, translations: Path |
         "state_dir": str(state_dir),
         "libvirt_uri": libvirt_env.LIBVIRT_URI,
         "accelerator": libvirt_env.DOMAIN_TYPE,
-        "domain_prefix": libvirt_env.TEST_PREFIX,
+        "domain_prefix": libvirt_env.RUN_PREFIX,
         "image_allow_networks": ["127.0.0.0/8"],
         "default_memory_mib": 256,
         "log_level": "debug",

@@ -22,6 +22,9 @@ import libvirt
 
 LIBVIRT_URI = os.environ.get("VMLET_TEST_LIBVIRT_URI", "qemu:///system")
 TEST_PREFIX = "vmlet-test-"
+# Names carry the test run's pid: concurrent runs leave each other alone, and a
+# run sweeps what dead runs left behind.
+RUN_PREFIX = f"{TEST_PREFIX}{os.getpid()}-"
 # TCG by default: on the project's machines /dev/kvm cannot run ordinary guests.
 DOMAIN_TYPE = os.environ.get("VMLET_TEST_DOMAIN_TYPE", "qemu")
 # Scratch space QEMU (running as libvirt-qemu) can reach: pytest's tmp dirs are 0700.
@@ -67,16 +70,26 @@ def remove_network(net: libvirt.virNetwork) -> None:
             raise
 
 
+def _sweepable(name: str) -> bool:
+    """Ours, or a test run's that no longer exists."""
+    if not name.startswith(TEST_PREFIX):
+        return False
+    if name.startswith(RUN_PREFIX):
+        return True
+    pid = name[len(TEST_PREFIX):].split("-", 1)[0]
+    return not (pid.isdigit() and Path(f"/proc/{pid}").exists())
+
+
 def test_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
-    return [d for d in conn.listAllDomains() if d.name().startswith(TEST_PREFIX)]
+    return [d for d in conn.listAllDomains() if _sweepable(d.name())]
 
 
 def test_networks(conn: libvirt.virConnect) -> list[libvirt.virNetwork]:
-    return [n for n in conn.listAllNetworks() if n.name().startswith(TEST_PREFIX)]
+    return [n for n in conn.listAllNetworks() if _sweepable(n.name())]
 
 
 def sweep(conn: libvirt.virConnect) -> list[str]:
-    """Remove every test domain and network; return what was removed."""
+    """Remove this run's and dead runs' test domains and networks; return what was removed."""
     removed = []
     for dom in test_domains(conn):
         removed.append(f"domain {dom.name()}")
@@ -91,7 +104,7 @@ def leftover_qemu_processes() -> list[str]:
     """QEMU processes of test domains (their command line names the domain)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
     return [line.strip() for line in out.splitlines()
-            if "qemu-system" in line and f"guest={TEST_PREFIX}" in line]
+            if "qemu-system" in line and f"guest={RUN_PREFIX}" in line]
 
 
 def remove_stale_work_dirs() -> list[Path]:
@@ -106,7 +119,7 @@ def remove_stale_work_dirs() -> list[Path]:
 
 
 def unique_name(kind: str) -> str:
-    return f"{TEST_PREFIX}{kind}-{uuid.uuid4().hex[:8]}"
+    return f"{RUN_PREFIX}{kind}-{uuid.uuid4().hex[:8]}"
 
 
 # ---------------------------------------------------------------- networks

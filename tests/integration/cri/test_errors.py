@@ -11,7 +11,7 @@ import pytest
 
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
-from tests.support.libvirt_env import TEST_PREFIX
+from tests.support.libvirt_env import RUN_PREFIX
 
 from .conftest import TESTVM
 
@@ -25,7 +25,7 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
 
 
 def assert_nothing_built(vmlet, libvirt_conn) -> None:
-    assert not [d.name() for d in libvirt_conn.listAllDomains() if d.name().startswith(TEST_PREFIX)]
+    assert not [d.name() for d in libvirt_conn.listAllDomains() if d.name().startswith(RUN_PREFIX)]
     vms = vmlet.state_dir / "vms"
     assert not vms.exists() or not list(vms.iterdir())
 

@@ -16,7 +16,7 @@ import pytest
 
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
-from tests.support.libvirt_env import TEST_PREFIX
+from tests.support.libvirt_env import RUN_PREFIX
 
 from .conftest import TESTVM
 
@@ -85,7 +85,7 @@ def test_vm_pod_lifecycle_through_the_cri_socket(client, pulled, vmlet, vmlet_di
     assert status.status.labels["role"] == "vm" and status.status.annotations["test"] == "yes"
     assert status.status.log_path == str(log_dir / "vm/0.log")
     domain = status.status.id[:32]
-    assert any(d.name().endswith(domain) and d.name().startswith(TEST_PREFIX) for d in libvirt_conn.listAllDomains())
+    assert any(d.name().endswith(domain) and d.name().startswith(RUN_PREFIX) for d in libvirt_conn.listAllDomains())
 
     rt.StartContainer(api_pb2.StartContainerRequest(container_id=container_id))
     assert rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=container_id)).status.state \
@@ -144,7 +144,7 @@ def test_vm_pod_lifecycle_through_the_cri_socket(client, pulled, vmlet, vmlet_di
 
     assert not rt.ListContainers(api_pb2.ListContainersRequest()).containers
     assert not rt.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
-    assert not [d for d in libvirt_conn.listAllDomains() if d.name().startswith(TEST_PREFIX)]
+    assert not [d for d in libvirt_conn.listAllDomains() if d.name().startswith(RUN_PREFIX)]
     assert not list((vmlet.state_dir / "vms").iterdir())
     # The image is free again and can be removed.
     client.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=pulled)))

@@ -16,7 +16,7 @@ import pytest
 
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
-from tests.support.libvirt_env import TEST_PREFIX
+from tests.support.libvirt_env import RUN_PREFIX
 
 from .conftest import TESTVM
 from .test_lifecycle import wait_for_log
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.libvirt
 
 
 def domains(libvirt_conn) -> dict[str, bool]:
-    return {d.name(): bool(d.isActive()) for d in libvirt_conn.listAllDomains() if d.name().startswith(TEST_PREFIX)}
+    return {d.name(): bool(d.isActive()) for d in libvirt_conn.listAllDomains() if d.name().startswith(RUN_PREFIX)}
 
 
 def vm_dirs(vmlet) -> list[str]:
