@@ -30,6 +30,11 @@ class Config(BaseModel):
     # the serial console); without one, `auto` decides from the host alone.
     accelerator_probe_image: Path | None = None
     image_translations: Path | None = None
+    # Pod networking: the node's CNI configuration and plugins (Debian's
+    # containernetworking-plugins live in /usr/lib/cni).
+    cni_conf_dir: Path = Path("/etc/cni/net.d")
+    cni_bin_dirs: list[str] = ["/opt/cni/bin", "/usr/lib/cni"]
+    cni_plugin_timeout: float = Field(60.0, gt=0)
     # Address ranges image downloads may not reach (default: link-local and
     # cloud metadata) and exceptions to that (e.g. a mirror on loopback).
     image_deny_networks: list[str] | None = None

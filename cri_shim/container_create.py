@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import uuid
 
 from image_service.errors import ImageError
@@ -20,7 +19,7 @@ from proto.runtime.v1 import api_pb2
 from . import cloudinit, errors, validation
 from .annotations import AnnotationError, VMAnnotations
 from .crashpoints import crashpoint
-from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, build_domain_xml
+from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, build_domain_xml
 from .runtime import Runtime, new_id, now_ns
 from .state import ContainerRecord, NameConflict
 from .volumes import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
@@ -33,12 +32,6 @@ MIB = 1024 * 1024
 def container_name_key(cfg: api_pb2.ContainerConfig, sandbox_cfg: api_pb2.PodSandboxConfig) -> str:
     md, smd = cfg.metadata, sandbox_cfg.metadata
     return "_".join((md.name, smd.name, smd.namespace, smd.uid, str(md.attempt)))
-
-
-def hostname_for(pod_name: str) -> str:
-    """A valid host name (RFC 1123 label) from the pod name."""
-    label = re.sub(r"[^a-z0-9-]+", "-", pod_name.lower()).strip("-")[:63].strip("-")
-    return label or "vm"
 
 
 def cpu_for(vm: VMAnnotations) -> CPU | None:
@@ -120,10 +113,14 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         crashpoint("create.after-overlay")
 
         smd = sandbox_cfg.metadata
+        network = rt.network.get(sandbox_id)
+        if network is None:
+            raise errors.failed_precondition(f"pod sandbox {sandbox_id} has no network (its setup did not finish)")
         try:
             data = cloudinit.compose(
-                vm, pod_uid=smd.uid, pod_name=smd.name, hostname=hostname_for(smd.name),
-                env={kv.key: kv.value for kv in cfg.envs}, mounts=(), network_config=None)
+                vm, pod_uid=smd.uid, pod_name=smd.name,
+                hostname=validation.hostname(sandbox_cfg.hostname or smd.name),
+                env={kv.key: kv.value for kv in cfg.envs}, mounts=(), network_config=network.network_config())
         except cloudinit.CloudInitError as e:
             raise errors.invalid_argument(f"cloud-init data: {e}") from None
         write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
@@ -134,6 +131,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         spec = DomainSpec(
             name=domain, uuid=domain_uuid, memory_kib=memory_mib * 1024, vcpus=vcpus,
             domain_type=rt.domain_type, disks=disks, console_log=str(files.console_log),
+            # The VM's NIC joins the pod's network through the sandbox's host bridge (docs/networking.md).
+            interfaces=[Interface("bridge", source=network.host_bridge, mac=network.vm_mac)],
             cpu=cpu_for(vm),
             metadata={
                 "instance": rt.instance_id, "container-id": container_id, "sandbox-id": sandbox_id,

@@ -6,7 +6,7 @@ import json
 
 from proto.runtime.v1 import api_pb2
 
-from .filters import id_matches, labels_match
+from .filters import container_matches
 from .runtime import Runtime
 from .state import ContainerRecord
 from .volumes import vm_files
@@ -65,16 +65,7 @@ def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb
 
 def list_containers(rt: Runtime, flt: api_pb2.ContainerFilter | None) -> list[api_pb2.Container]:
     _, containers = rt.store.snapshot()
-    out = []
-    for c in containers:
-        if flt is not None:
-            if not id_matches(c.id, flt.id) or not id_matches(c.sandbox_id, flt.pod_sandbox_id):
-                continue
-            if flt.HasField("state") and c.state != flt.state.state:
-                continue
-            if flt.label_selector and not labels_match(rt.container_config(c).labels, flt.label_selector):
-                continue
-        out.append(to_list_item(rt, c))
+    out = [to_list_item(rt, c) for c in containers if container_matches(rt, c, flt)]
     out.sort(key=lambda c: c.created_at)
     return out
 

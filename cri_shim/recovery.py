@@ -11,6 +11,9 @@ at any step, host reboot):
 - a running container whose domain still runs keeps running and gets its
   console copier back; one whose domain stopped meanwhile gets its exit
   recorded; one whose domain is gone is recorded as exited (DomainLost);
+- networks of sandboxes without a record (a crash inside RunPodSandbox) are
+  swept; ready sandboxes get their DHCP server and links back if they went
+  missing, or are marked not ready when their network namespace is gone;
 - image references follow the records: every container holds its image,
   holders that are no containers any more are released.
 """
@@ -23,6 +26,7 @@ import shutil
 
 from proto.runtime.v1 import api_pb2
 
+from .network import NetworkError
 from .runtime import Runtime, now_ns
 
 log = logging.getLogger("vmlet.recovery")
@@ -30,7 +34,7 @@ log = logging.getLogger("vmlet.recovery")
 
 def recover(rt: Runtime) -> dict[str, list[str]]:
     report: dict[str, list[str]] = {"orphan_domains": [], "orphan_dirs": [], "exited": [], "running": [],
-                                    "released_holders": []}
+                                    "released_holders": [], "network_lost": []}
     containers = dict(rt.store.containers)
 
     for name, md in rt.host.vmlet_domains(rt.instance_id).items():
@@ -38,6 +42,19 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
             log.warning("removing orphan domain %s (container %s has no record)", name, md.get("container-id"))
             rt.host.undefine(name)
             report["orphan_domains"].append(name)
+
+    known_sandboxes = list(rt.store.sandboxes)
+    report["network_swept"] = rt.network.sweep(known_sandboxes)
+    for sb in list(rt.store.sandboxes.values()):
+        if sb.state != api_pb2.SANDBOX_READY:
+            continue
+        try:
+            rt.network.ensure(sb.id)  # dnsmasq restarted, links re-created if they went missing
+        except NetworkError as e:
+            log.warning("sandbox %s lost its network (%s): marking it not ready", sb.id[:12], e)
+            with rt.store_lock():
+                rt.store.update_sandbox(dataclasses.replace(sb, state=api_pb2.SANDBOX_NOTREADY))
+            report["network_lost"].append(sb.id)
 
     if rt.config.vms_dir.is_dir():
         for d in rt.config.vms_dir.iterdir():

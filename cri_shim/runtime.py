@@ -26,6 +26,7 @@ from .config import Config
 from .console_log import ConsoleCopier
 from .events import EventHub
 from .libvirt_host import LibvirtHost
+from .network import NetworkManager
 from .state import ContainerRecord, SandboxRecord, Store, resolve_id
 from .volumes import vm_files
 
@@ -116,6 +117,8 @@ class Runtime:
         self._exits: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._exit_worker, name="vm-exits", daemon=True).start()
         self.instance_id = _instance_id(config.state_dir)
+        self.network = NetworkManager(config.state_dir, config.cni_conf_dir, config.cni_bin_dirs,
+                                      plugin_timeout=config.cni_plugin_timeout)
         host.add_lifecycle_listener(self._on_lifecycle)
 
     def close(self) -> None:
@@ -129,10 +132,8 @@ class Runtime:
         return self.config.domain_prefix + container_id[:32]
 
     def network_status(self) -> tuple[bool, str, str]:
-        """(ready, reason, message) for the NetworkReady condition."""
-        # Pod networking (CNI in the sandbox's netns, handed to the VM) is not built yet:
-        # say so rather than claim a network the VMs do not get.
-        return False, "NetworkPluginNotReady", "vmlet: VM pod networking (CNI) is not configured on this node"
+        """(ready, reason, message) for the NetworkReady condition: a valid CNI config exists."""
+        return self.network.status()
 
     # -------------------------------------------------------------- lookups
 

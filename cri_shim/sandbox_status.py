@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from proto.runtime.v1 import api_pb2
 
 from . import container_status
-from .filters import id_matches, labels_match
+from .filters import sandbox_matches
 from .runtime import Runtime
 from .state import SandboxRecord
 
@@ -62,16 +62,7 @@ def _to_json(msg) -> str:
 
 def list_sandboxes(rt: Runtime, flt: api_pb2.PodSandboxFilter | None) -> list[api_pb2.PodSandbox]:
     sandboxes, _ = rt.store.snapshot()
-    out = []
-    for sb in sandboxes:
-        if flt is not None:
-            if not id_matches(sb.id, flt.id):
-                continue
-            if flt.HasField("state") and sb.state != flt.state.state:
-                continue
-            if flt.label_selector and not labels_match(rt.sandbox_config(sb).labels, flt.label_selector):
-                continue
-        out.append(to_list_item(rt, sb))
+    out = [to_list_item(rt, sb) for sb in sandboxes if sandbox_matches(rt, sb, flt)]
     out.sort(key=lambda s: s.created_at)
     return out
 

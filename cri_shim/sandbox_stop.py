@@ -12,7 +12,9 @@ import dataclasses
 
 from proto.runtime.v1 import api_pb2
 
+from . import errors
 from .container_stop import remove_vm, stop_vm
+from .network import NetworkError
 from .runtime import Runtime
 
 
@@ -22,6 +24,10 @@ def stop_pod_sandbox(rt: Runtime, req: api_pb2.StopPodSandboxRequest) -> api_pb2
         for c in rt.store.containers_of(sb.id):
             with rt.lock(c.id):
                 stop_vm(rt, c, timeout=0)
+        try:
+            rt.network.teardown(sb.id)  # CNI DEL, DHCP server, links; idempotent
+        except NetworkError as e:
+            raise errors.failed_precondition(f"pod network teardown failed (will be retried): {e}") from None
         with rt.store_lock():
             current = rt.store.sandboxes.get(sb.id)
             if current is None or current.state == api_pb2.SANDBOX_NOTREADY:
@@ -39,6 +45,10 @@ def remove_pod_sandbox(rt: Runtime, req: api_pb2.RemovePodSandboxRequest) -> api
         for c in rt.store.containers_of(sb.id):
             with rt.lock(c.id):
                 remove_vm(rt, c)
+        try:
+            rt.network.remove(sb.id)  # teardown if still up, then the netns
+        except NetworkError as e:
+            raise errors.failed_precondition(f"pod network removal failed (will be retried): {e}") from None
         if sb.id in rt.store.sandboxes:
             rt.store.delete_sandbox(sb.id)
             rt.events.container_event(rt, sb.id, api_pb2.CONTAINER_DELETED_EVENT, sandbox_id=sb.id)

@@ -8,13 +8,13 @@ running: they are the pods' workloads, not the daemon's.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent import futures
 
 import grpc
 
 from image_service import translation
+from image_service.server import start_on_unix_socket
 from image_service.service import ImageService
 from image_service.urlpolicy import AddressPolicy
 from proto.runtime.v1 import api_pb2_grpc
@@ -47,21 +47,12 @@ class Daemon:
         self.stopped = threading.Event()
 
     def serve(self) -> None:
-        socket = self.config.socket
-        socket.parent.mkdir(parents=True, exist_ok=True)
-        socket.unlink(missing_ok=True)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="cri"))
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.runtime), server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(self.images, server)
-        old = os.umask(0o117)  # socket 0660: root and the runtime's group
-        try:
-            server.add_insecure_port(f"unix://{socket}")
-            server.start()
-        finally:
-            os.umask(old)
-        os.chmod(socket, 0o660)
+        start_on_unix_socket(server, self.config.socket)
         self.server = server
-        log.info("serving the CRI on unix://%s", socket)
+        log.info("serving the CRI on unix://%s", self.config.socket)
 
     def stop(self, grace: float = 5.0) -> None:
         if self.server is not None:

@@ -17,7 +17,7 @@ import libvirt
 
 from proto.runtime.v1 import api_pb2
 
-from .filters import id_matches, labels_match
+from .filters import container_matches, sandbox_matches
 from .runtime import Runtime
 from .state import ContainerRecord, SandboxRecord
 from .volumes import allocated_bytes, vm_files
@@ -115,28 +115,12 @@ def pod_sandbox_stats(rt: Runtime, sb: SandboxRecord) -> api_pb2.PodSandboxStats
 
 def list_container_stats(rt: Runtime, flt: api_pb2.ContainerStatsFilter | None) -> list[api_pb2.ContainerStats]:
     _, containers = rt.store.snapshot()
-    out = []
-    for c in containers:
-        if flt is not None:
-            if not id_matches(c.id, flt.id) or not id_matches(c.sandbox_id, flt.pod_sandbox_id):
-                continue
-            if flt.label_selector and not labels_match(rt.container_config(c).labels, flt.label_selector):
-                continue
-        out.append(container_stats(rt, c))
-    return out
+    return [container_stats(rt, c) for c in containers if container_matches(rt, c, flt)]
 
 
 def list_pod_sandbox_stats(rt: Runtime, flt: api_pb2.PodSandboxStatsFilter | None) -> list[api_pb2.PodSandboxStats]:
     sandboxes, _ = rt.store.snapshot()
-    out = []
-    for sb in sandboxes:
-        if flt is not None:
-            if not id_matches(sb.id, flt.id):
-                continue
-            if flt.label_selector and not labels_match(rt.sandbox_config(sb).labels, flt.label_selector):
-                continue
-        out.append(pod_sandbox_stats(rt, sb))
-    return out
+    return [pod_sandbox_stats(rt, sb) for sb in sandboxes if sandbox_matches(rt, sb, flt)]
 
 
 # -------------------------------------------------------------- metrics (cAdvisor names)

@@ -28,6 +28,12 @@ def name(value: str, field: str, required: bool = True) -> str:
     return value
 
 
+def hostname(pod_name: str) -> str:
+    """A valid host name (RFC 1123 label) from the pod's name."""
+    label = re.sub(r"[^a-z0-9-]+", "-", pod_name.lower()).strip("-")[:63].strip("-")
+    return label or "vm"
+
+
 def log_directory(value: str, field: str = "config.log_directory") -> str:
     if value and not os.path.isabs(value):
         raise errors.invalid_argument(f"{field} must be an absolute path, got {value!r}")

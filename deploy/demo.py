@@ -1,10 +1,12 @@
 """The main job: a VM pod booted through vmlet's CRI socket, the way the kubelet drives it.
 
-Starts the vmlet daemon on a socket of its own, serves the project's test VM
-image over HTTP on loopback, then plays the kubelet: PullImage,
-RunPodSandbox, CreateContainer, StartContainer, follows the container's CRI
-log (the VM's serial console), shows the pod's and container's status and
-stats, stops the VM through its ACPI power button and removes everything.
+Starts the vmlet daemon on a socket of its own with a CNI network of its own
+(Debian's bridge + host-local plugins on a private range, no NAT, no route
+out of this host), serves the project's test VM image over HTTP on loopback,
+then plays the kubelet: PullImage, RunPodSandbox, CreateContainer,
+StartContainer, follows the container's CRI log (the VM's serial console),
+shows the pod IP (and pings the VM there), status and stats, stops the VM
+through its ACPI power button and removes everything.
 
 Run via deploy/demo.sh (which sets the host up and builds the image first).
 """
@@ -12,6 +14,7 @@ Run via deploy/demo.sh (which sets the host up and builds the image first).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import shutil
 import sys
@@ -23,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cri_shim.network import netns as network_netns  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
-from tests.support import cri  # noqa: E402
+from tests.support import cri, netsupport  # noqa: E402
 from tests.support.http_server import ImageServer  # noqa: E402
 
 IMAGE = "virtlet.cloud/testvm"
@@ -56,10 +60,15 @@ def main() -> int:
     work.chmod(0o711)
     server = ImageServer().start()
     url = server.serve_file("/testvm.qcow2", args.image)
+    forwarding = network_netns.read_sysctl("net/ipv4/ip_forward")  # the bridge plugin turns it on
+    network = netsupport.TestNetwork(name="vmlet-demo", bridge=netsupport.test_name(), subnet=netsupport.pick_subnet(),
+                                     extra_route=ipaddress.IPv4Network("10.214.255.0/24"), ipam_dir=work / "ipam")
+    netsupport.write_conf(work / "net.d", "10-vmlet-demo.conflist", network.conflist())
     config = work / "vmlet.yaml"
     cri.write_config(config, work / "state", work / "vmlet.sock",
                      cri.translations_for(work / "translations.yaml", {"testvm": url}),
-                     accelerator=args.accelerator, domain_prefix="vmlet-demo-", log_level="info")
+                     accelerator=args.accelerator, domain_prefix="vmlet-demo-", log_level="info",
+                     cni_conf_dir=str(work / "net.d"), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
     daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
     sandbox_id = None
     try:
@@ -98,19 +107,25 @@ def main() -> int:
               f"memory {stats.memory.working_set_bytes.value // 2**20} MiB, "
               f"disk {stats.writable_layer.used_bytes.value // 2**10} KiB")
         sb = rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
-        print(f"pod       {api_pb2.PodSandboxState.Name(sb.state)}, IP: {sb.network.ip or '(VM networking not set up yet)'}")
+        answered = netsupport.ping(sb.network.ip, count=3)
+        print(f"pod       {api_pb2.PodSandboxState.Name(sb.state)}, IP {sb.network.ip} "
+              f"(CNI network {network.name} {network.subnet}); ping from the host: "
+              f"{'answered' if answered else 'NO ANSWER'}")
         print("stopping  (ACPI power button, 30 s grace)")
         rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=30))
         follow(log, "VMLET-TESTVM: shutdown complete", 5, shown)
         st = rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid)).status
         print(f"container {api_pb2.ContainerState.Name(st.state)}, exit code {st.exit_code} ({st.reason})")
-        return 0 if st.exit_code == 0 else 1
+        return 0 if st.exit_code == 0 and answered else 1
     finally:
         if sandbox_id and daemon.alive():
             daemon.client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
             print("removed   pod sandbox, its VM and disks")
         daemon.stop()
         server.stop()
+        netsupport.sweep()  # the demo network's host bridge
+        if forwarding is not None:
+            network_netns.write_sysctl("net/ipv4/ip_forward", forwarding)
         shutil.rmtree(work, ignore_errors=True)
 
 

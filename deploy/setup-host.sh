@@ -22,6 +22,9 @@ die()  { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 # Debian packages, grouped by what needs them.
 PKGS_LIBVIRT=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
               dnsmasq-base iptables nftables)
+# Pod networking: CNI plugins (in /usr/lib/cni), dnsmasq per pod (above), nsenter (util-linux);
+# busybox-static gives the network tests udhcpc/ping/nc for their fake VMs.
+PKGS_NETWORK=(containernetworking-plugins util-linux busybox-static)
 PKGS_PYTHON_BUILD=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev)
 PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio gzip)
 PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
@@ -32,7 +35,7 @@ PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
 pid1_is_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 
 install_packages() {
-    local want=("${PKGS_LIBVIRT[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}")
+    local want=("${PKGS_LIBVIRT[@]}" "${PKGS_NETWORK[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}")
     local missing=()
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

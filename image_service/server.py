@@ -28,18 +28,24 @@ log = logging.getLogger("vmlet.image")
 
 def serve(socket_path: str | Path, service: ImageService, max_workers: int = 16) -> grpc.Server:
     """Start a gRPC server for `service` on unix://socket_path (mode 0660); stop it with server.stop()."""
-    socket_path = Path(socket_path)
-    socket_path.unlink(missing_ok=True)  # a stale socket of a previous run
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image-rpc"))
     api_pb2_grpc.add_ImageServiceServicer_to_server(service, server)
-    old = os.umask(0o117)  # the socket is created 0660: root and the runtime's group only
+    start_on_unix_socket(server, socket_path)
+    return server
+
+
+def start_on_unix_socket(server: grpc.Server, socket_path: str | Path) -> None:
+    """Bind `server` to a unix socket created 0660 (root and the runtime's group only) and start it."""
+    socket_path = Path(socket_path)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)  # a stale socket of a previous run
+    old = os.umask(0o117)  # no window in which the socket is more open than 0660
     try:
         server.add_insecure_port(f"unix://{socket_path}")
         server.start()
     finally:
         os.umask(old)
     os.chmod(socket_path, 0o660)
-    return server
 
 
 def _size(text: str) -> int:

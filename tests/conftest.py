@@ -18,8 +18,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.support import images, libvirt_env
+from cri_shim.network import netns as network_netns
+
+from tests.support import images, libvirt_env, netsupport
 from tests.support.http_server import ImageServer
+from tests.support.netsupport import TestNetwork
 from tests.support.prereq import require
 
 
@@ -29,7 +32,6 @@ from tests.support.prereq import require
 @pytest.fixture(scope="session")
 def libvirt_conn():
     try:
-        import libvirt  # noqa: F401
         conn = libvirt_env.connect()
     except Exception as e:  # ImportError or libvirtError
         require(False, f"libvirtd not reachable at {libvirt_env.LIBVIRT_URI}: {e} "
@@ -110,3 +112,39 @@ def image_server() -> Iterator[ImageServer]:
     server = ImageServer().start()
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------- pod networking (CNI)
+
+def _read_forwarding() -> str | None:
+    return network_netns.read_sysctl("net/ipv4/ip_forward")
+
+
+@pytest.fixture(scope="session")
+def net_prereqs() -> Iterator[None]:
+    require(os.geteuid() == 0, "the network tests need root (network namespaces, bridges)")
+    for plugin in ("bridge", "host-local"):
+        require(os.access(f"{netsupport.CNI_BIN_DIR}/{plugin}", os.X_OK),
+                f"CNI plugin {plugin} missing in {netsupport.CNI_BIN_DIR} (Debian: containernetworking-plugins)")
+    for tool, pkg in (("dnsmasq", "dnsmasq-base"), ("nsenter", "util-linux"), ("nft", "nftables")):
+        require(shutil.which(tool) is not None, f"{tool} not installed (Debian: {pkg})")
+    require(os.access(netsupport.BUSYBOX, os.X_OK), "busybox not installed (Debian: busybox-static)")
+    netsupport.sweep()
+    forwarding = _read_forwarding()
+    yield
+    if forwarding is not None:
+        network_netns.write_sysctl("net/ipv4/ip_forward", forwarding)
+    left = netsupport.leftovers()
+    netsupport.sweep()
+    assert not left, f"network tests left things behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def test_network(net_prereqs, tmp_path_factory) -> Iterator[TestNetwork]:
+    subnet = netsupport.pick_subnet()
+    third = int(str(subnet.network_address).split(".")[2])
+    net = TestNetwork(name="vmlet-nettest", bridge=netsupport.test_name(), subnet=subnet,
+                      extra_route=netsupport.ipaddress.IPv4Network(f"10.214.{(third + 128) % 256}.0/24"),
+                      ipam_dir=tmp_path_factory.mktemp(netsupport.STATE_MARK) / "ipam")
+    yield net
+    netsupport.sweep()  # the CNI bridge is one of the session's vmlt-<pid> links

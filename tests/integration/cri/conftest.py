@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from proto.runtime.v1 import api_pb2
-from tests.support import cri, libvirt_env
+from cri_shim.network import NetworkManager
+from tests.support import cri, libvirt_env, netsupport
 
 TESTVM = "virtlet.cloud/testvm"
 
@@ -25,11 +26,20 @@ def vmlet_dir(work_root: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def vmlet_factory(libvirt_conn, test_image, image_server, vmlet_dir):
+def cni_conf_dir(vmlet_dir: Path, test_network) -> Path:
+    """The node's CNI config for the daemon: the tests' own bridge network (no NAT, no way out)."""
+    d = vmlet_dir / "net.d"
+    netsupport.write_conf(d, "10-vmlet-test.conflist", test_network.conflist())
+    return d
+
+
+@pytest.fixture
+def vmlet_factory(libvirt_conn, test_image, image_server, vmlet_dir, cni_conf_dir, test_network):
     """Make (not start) a vmlet daemon whose `virtlet.cloud/testvm` is the test image on loopback.
 
     Teardown removes every pod through the CRI (as the kubelet would), stops
-    the daemon, and sweeps any domain it left (a test that killed it).
+    the daemon, sweeps any domain and pod network it left (a test that killed
+    it) and checks that the test network's IPs were all given back.
     """
     url = image_server.serve_file("/testvm.qcow2", test_image)
     translations = cri.translations_for(vmlet_dir / "translations.yaml", {"testvm": url})
@@ -39,6 +49,8 @@ def vmlet_factory(libvirt_conn, test_image, image_server, vmlet_dir):
         state = vmlet_dir / "state"
         socket = vmlet_dir / "vmlet.sock"
         config = vmlet_dir / "vmlet.yaml"
+        config_extra.setdefault("cni_conf_dir", str(cni_conf_dir))
+        config_extra.setdefault("cni_bin_dirs", [netsupport.CNI_BIN_DIR])
         cri.write_config(config, state, socket, translations, **config_extra)
         proc = cri.VmletProcess(state, socket, config, vmlet_dir / "vmlet.log")
         made.append(proc)
@@ -55,6 +67,13 @@ def vmlet_factory(libvirt_conn, test_image, image_server, vmlet_dir):
                 pass
             proc.stop()
     libvirt_env.sweep(libvirt_conn)
+    for proc in made:
+        if proc.state_dir.exists():
+            NetworkManager(proc.state_dir, cni_conf_dir, [netsupport.CNI_BIN_DIR]).sweep([])
+    held = test_network.allocated_ips()
+    for f in test_network.ipam_dir.glob("*/[0-9]*"):
+        f.unlink()
+    assert not held, f"pod IPs not released: {held}"
 
 
 @pytest.fixture

@@ -1,0 +1,384 @@
+"""NetworkManager: the one object the shim talks to about pod networks.
+
+    nm = NetworkManager(state_dir, cni_conf_dir, cni_bin_dirs, plugin_timeout)
+    nm.status()                         -> (ready, reason, message)        Status: NetworkReady
+    nm.setup(sandbox_id, ...)           -> PodNetwork                       RunPodSandbox
+    nm.check(sandbox_id)                CNI CHECK
+    nm.ensure(network)                  -> [repaired...]                    after a shim restart
+    nm.teardown(network)                CNI DEL, dnsmasq, links (idempotent) StopPodSandbox
+    nm.remove(network)                  teardown + netns + state            RemovePodSandbox
+    nm.sweep(known_sandbox_ids)         -> [removed...]                     start-up reconcile
+
+State, under <state_dir>:
+    network/<sandbox id>/record.json     written before anything is created (phase "setting-up"),
+                                         then with the PodNetwork ("ready"), then "stopped"
+    network/<sandbox id>/dnsmasq.{pid,leases,log}
+    cni/results/<network>-<sandbox id>-eth0   the CNI result cache (cni.py)
+Everything a pod gets is named after its sandbox ID (names.py), so teardown
+needs nothing but the ID, and a crash at any point leaves only things that
+`sweep` finds: a record, a cache entry, an aliased host link, a dnsmasq whose
+pidfile lies under network/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import cni as cnimod
+from . import dhcp, links, masquerade, netns
+from .errors import CNIConfigError, CNIPluginError, NetworkError, NetworkLost
+from .model import BINDINGS, Binding, DNSSettings, PodNetwork, valid_hostname
+from .names import (POD_BRIDGE, POD_IFNAME, check_sandbox_id, host_bridge, host_veth, link_alias, netns_name,
+                    owner_tag, random_vm_mac)
+
+log = logging.getLogger("vmlet.network")
+
+# dnsmasq's address on br0 under the bridge binding: link-local, /32, and not Calico's 169.254.1.1
+# (KubeVirt uses this range for the same purpose).
+DHCP_SERVER_CIDR = "169.254.75.10/32"
+
+PHASE_SETTING_UP = "setting-up"
+PHASE_READY = "ready"
+PHASE_STOPPED = "stopped"
+
+
+class NetworkManager:
+    def __init__(self, state_dir: str | os.PathLike, cni_conf_dir: str | os.PathLike = cnimod.DEFAULT_CONF_DIR,
+                 cni_bin_dirs: Sequence[str] = cnimod.DEFAULT_BIN_DIRS, plugin_timeout: float = 60.0,
+                 dnsmasq: str = dhcp.DEFAULT_DNSMASQ) -> None:
+        self.state_dir = Path(state_dir)
+        self.records_dir = self.state_dir / "network"
+        self.cni = cnimod.CNI(cni_conf_dir, cni_bin_dirs, self.state_dir / "cni" / "results", plugin_timeout)
+        self.dnsmasq = dnsmasq
+        self.tag = owner_tag(str(self.state_dir.resolve()))
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> tuple[bool, str, str]:
+        """(ready, reason, message) for the runtime's NetworkReady condition."""
+        conf, problems = cnimod.load_conf_dir(self.cni.conf_dir)
+        if conf is None:
+            return False, "NetworkPluginNotReady", "cni config uninitialized: " + "; ".join(problems)
+        missing = self.cni.missing_plugins(conf)
+        if missing:
+            return False, "NetworkPluginNotReady", (
+                f"CNI network {conf.name!r} ({conf.source}) needs plugins not found in "
+                f"{':'.join(self.cni.bin_dirs)}: {', '.join(missing)}")
+        for tool in (self.dnsmasq, "nsenter"):
+            if shutil.which(tool) is None:
+                return False, "NetworkPluginNotReady", f"{tool} not found (Debian packages dnsmasq-base, util-linux)"
+        return True, "", f"CNI network {conf.name!r} from {conf.source}"
+
+    # ------------------------------------------------------------ paths and records
+
+    def _lock(self, sandbox_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[sandbox_id]
+
+    def _dir(self, sandbox_id: str) -> Path:
+        return self.records_dir / check_sandbox_id(sandbox_id)
+
+    def pidfile(self, sandbox_id: str) -> str:
+        return str(self._dir(sandbox_id) / "dnsmasq.pid")
+
+    def _write_record(self, sandbox_id: str, phase: str, network: PodNetwork | None, **extra: Any) -> None:
+        d = self._dir(sandbox_id)
+        d.mkdir(parents=True, exist_ok=True)
+        doc = {"sandbox_id": sandbox_id, "phase": phase, "network": network.to_dict() if network else None, **extra}
+        tmp = d / "record.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / "record.json")
+
+    def _read_record(self, sandbox_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self._dir(sandbox_id) / "record.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def get(self, sandbox_id: str) -> PodNetwork | None:
+        """The pod network as recorded (None when there is none or setup never finished)."""
+        rec = self._read_record(sandbox_id)
+        if not rec or not rec.get("network"):
+            return None
+        return PodNetwork.from_dict(rec["network"])
+
+    @staticmethod
+    def _id_of(network: PodNetwork | str) -> str:
+        return check_sandbox_id(network.sandbox_id if isinstance(network, PodNetwork) else network)
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self, sandbox_id: str, *, pod_namespace: str, pod_name: str, pod_uid: str,
+              dns: DNSSettings | None = None, hostname: str = "", binding: Binding = "bridge") -> PodNetwork:
+        """Create the pod's netns, run CNI ADD in it and hand its address to the VM's segment.
+
+        On any failure everything created is removed again (CNI DEL included) and the error
+        is raised (NetworkError and subclasses, with the cause in the message)."""
+        check_sandbox_id(sandbox_id)
+        if binding not in BINDINGS:
+            raise ValueError(f"network binding {binding!r} is not one of {', '.join(BINDINGS)}")
+        if hostname and not valid_hostname(hostname):
+            raise ValueError(f"hostname {hostname!r} is not a valid DNS label")
+        args = cnimod.format_args([("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", pod_namespace),
+                                   ("K8S_POD_NAME", pod_name), ("K8S_POD_INFRA_CONTAINER_ID", sandbox_id),
+                                   ("K8S_POD_UID", pod_uid)])
+        with self._lock(sandbox_id):
+            # Checks that need no side effects come first: nothing to roll back when they fail.
+            conf = self.cni.load()
+            for t in conf.plugin_types:
+                self.cni.plugin_path(t, "ADD")
+            if self._read_record(sandbox_id) is not None or netns.exists(netns_name(sandbox_id)):
+                raise NetworkError(f"the network of sandbox {sandbox_id[:12]} already exists")
+            self._write_record(sandbox_id, PHASE_SETTING_UP, None, binding=binding)
+            try:
+                network = self._setup(sandbox_id, conf, args, dns or DNSSettings(), hostname, binding)
+            except BaseException as e:
+                try:
+                    self._teardown(sandbox_id)
+                    self._remove_rest(sandbox_id)
+                except Exception as rollback_error:  # noqa: BLE001
+                    log.error("rollback of sandbox %s failed: %s", sandbox_id[:12], rollback_error)
+                    e.add_note(f"rolling back failed too: {rollback_error}")
+                if isinstance(e, (NetworkError, ValueError)) or not isinstance(e, Exception):
+                    raise
+                raise NetworkError(f"setting up the network of sandbox {sandbox_id[:12]} failed: {e}") from e
+            self._write_record(sandbox_id, PHASE_READY, network)
+            log.info("sandbox %s: network %s ready: pod IP %s, %s binding, host bridge %s", sandbox_id[:12],
+                     network.cni_network, network.pod_ip, binding, network.host_bridge)
+            return network
+
+    def _setup(self, sid: str, conf: cnimod.NetworkConfigList, args, dns: DNSSettings, hostname: str,
+               binding: Binding) -> PodNetwork:
+        ns = netns_name(sid)
+        ns_path = netns.create(ns)
+        result = self.cni.add(conf, sid, ns_path, POD_IFNAME, args)
+        ips = result.ips_of(POD_IFNAME)
+        v4 = [ip for ip in ips if ip.interface_address.version == 4]
+        if not v4:
+            raise NetworkError(f"CNI network {conf.name!r} gave {POD_IFNAME} no IPv4 address "
+                               f"(got {[ip.address for ip in ips] or 'none'}); the VM needs one")
+        primary = v4[0].interface_address
+        additional = tuple(str(ip.interface_address.ip) for ip in ips if ip.interface_address != primary)
+        pod_if = netns.run_in(ns_path, links.read_interface, POD_IFNAME)
+        mtu = pod_if.mtu or 1500
+        dns = dns.merged_over(result.dns).validated()
+        routes = tuple(r for r in pod_if.routes if not r.is_default)
+        bridge, veth = host_bridge(sid), host_veth(sid)
+        links.host_create(bridge, veth, ns_path, mtu, link_alias(self.tag, sid))
+        if binding == "bridge":
+            # The VM takes over the pod's address and eth0's MAC (plugins may pin the MAC, as virtlet knew).
+            vm_mac = pod_if.mac
+            vm_ip, vm_prefix, vm_gw = str(primary.ip), primary.network.prefixlen, pod_if.gateway
+            netns.run_in(ns_path, links.wire_bridge_binding, vm_mac, DHCP_SERVER_CIDR, mtu)
+        else:
+            vm_mac = random_vm_mac()
+            vm_ip, vm_prefix, vm_gw = masquerade.VM_IP, masquerade.VM_SUBNET.prefixlen, masquerade.VM_GATEWAY
+            netns.run_in(ns_path, links.wire_masquerade_binding,
+                         f"{masquerade.VM_GATEWAY}/{masquerade.VM_SUBNET.prefixlen}", mtu)
+            masquerade.apply(ns_path, [str(primary.ip)])
+        network = PodNetwork(
+            sandbox_id=sid, binding=binding, netns_name=ns, netns_path=ns_path, host_bridge=bridge,
+            host_veth=veth, vm_mac=vm_mac, pod_ip=str(primary.ip), additional_ips=additional,
+            prefixlen=primary.network.prefixlen, gateway=pod_if.gateway, routes=routes, mtu=mtu, dns=dns,
+            hostname=hostname, cni_network=conf.name, cni_version=conf.cni_version, vm_ip=vm_ip,
+            vm_prefixlen=vm_prefix, vm_gateway=vm_gw)
+        pid = self._start_dhcp(network)
+        return dataclasses.replace(network, dnsmasq_pid=pid)
+
+    def lease(self, network: PodNetwork) -> dhcp.Lease:
+        return dhcp.Lease(interface=POD_BRIDGE, vm_mac=network.vm_mac, vm_ip=network.vm_ip,
+                          prefixlen=network.vm_prefixlen, gateway=network.vm_gateway,
+                          routes=network.routes if network.binding == "bridge" else (),
+                          dns=network.dns, hostname=network.hostname, mtu=network.mtu,
+                          shared_network=network.binding == "bridge")
+
+    def _start_dhcp(self, network: PodNetwork) -> int:
+        d = self._dir(network.sandbox_id)
+        pidfile = str(d / "dnsmasq.pid")
+        args = dhcp.dnsmasq_args(self.lease(network), pidfile, str(d / "dnsmasq.leases"), str(d / "dnsmasq.log"))
+        return dhcp.start(network.netns_path, args, pidfile, self.dnsmasq)
+
+    # ------------------------------------------------------------ check / ensure
+
+    def check(self, network: PodNetwork | str) -> None:
+        """Verify a ready pod's network; raise NetworkError naming what is broken (NetworkLost: netns gone).
+
+        Checks vmlet's own wiring (host bridge + veth, br0 in the pod netns, NAT rules, dnsmasq),
+        then, for the masquerade binding, runs CNI CHECK. The bridge binding hands eth0's MAC and
+        addresses to the VM on purpose, so a plugin's CHECK of eth0 cannot pass there and is skipped."""
+        sid = self._id_of(network)
+        pn = network if isinstance(network, PodNetwork) else self.get(sid)
+        if pn is None:
+            raise NetworkError(f"sandbox {sid[:12]} has no pod network")
+        problems = self._problems(pn)
+        if problems:
+            raise NetworkError(f"the network of sandbox {sid[:12]} is broken: " + "; ".join(problems))
+        if pn.binding == "masquerade":
+            self.cni.check(sid, pn.netns_path, POD_IFNAME)
+
+    def _problems(self, pn: PodNetwork) -> list[str]:
+        if not netns.exists(pn.netns_name):
+            raise NetworkLost(f"the network namespace {pn.netns_name} of sandbox {pn.sandbox_id[:12]} is gone")
+        problems = []
+        if not links.host_present(pn.host_bridge, pn.host_veth):
+            problems.append(f"host bridge {pn.host_bridge} / veth {pn.host_veth} missing")
+        if not netns.run_in(pn.netns_path, links.pod_wired, pn.binding):
+            problems.append(f"{POD_BRIDGE} in {pn.netns_name} is not wired")
+        if pn.binding == "masquerade" and not masquerade.present(pn.netns_path):
+            problems.append("masquerade rules missing")
+        if dhcp.running_pid(self.pidfile(pn.sandbox_id)) is None:
+            problems.append("dnsmasq is not running")
+        return problems
+
+    def ensure(self, network: PodNetwork | str) -> list[str]:
+        """Repair a ready pod's network after a restart: links, wiring, NAT rules, dnsmasq.
+
+        Returns what had to be repaired; raises NetworkLost when the netns is gone."""
+        sid = self._id_of(network)
+        with self._lock(sid):
+            pn = network if isinstance(network, PodNetwork) else self.get(sid)
+            rec = self._read_record(sid)
+            if pn is None or (rec and rec.get("phase") == PHASE_STOPPED) or pn.state == PHASE_STOPPED:
+                return []
+            if not netns.exists(pn.netns_name):
+                raise NetworkLost(f"the network namespace {pn.netns_name} of sandbox {sid[:12]} is gone "
+                                  "(host reboot?): the pod's network cannot be repaired")
+            repaired: list[str] = []
+            if not links.host_present(pn.host_bridge, pn.host_veth):
+                links.host_create(pn.host_bridge, pn.host_veth, pn.netns_path, pn.mtu, link_alias(self.tag, sid))
+                repaired.append(f"host bridge {pn.host_bridge} / veth {pn.host_veth}")
+            if not netns.run_in(pn.netns_path, links.pod_wired, pn.binding):
+                if pn.binding == "bridge":
+                    netns.run_in(pn.netns_path, links.wire_bridge_binding, pn.vm_mac, DHCP_SERVER_CIDR, pn.mtu)
+                else:
+                    netns.run_in(pn.netns_path, links.wire_masquerade_binding,
+                                 f"{masquerade.VM_GATEWAY}/{masquerade.VM_SUBNET.prefixlen}", pn.mtu)
+                repaired.append(f"{POD_BRIDGE} in {pn.netns_name}")
+            if pn.binding == "masquerade" and not masquerade.present(pn.netns_path):
+                masquerade.apply(pn.netns_path, [pn.pod_ip])
+                repaired.append("masquerade rules")
+            pid = dhcp.running_pid(self.pidfile(sid))
+            if pid is None:
+                pid = self._start_dhcp(pn)
+                repaired.append(f"dnsmasq (pid {pid})")
+            if pid != pn.dnsmasq_pid or repaired:
+                self._write_record(sid, PHASE_READY, dataclasses.replace(pn, dnsmasq_pid=pid))
+            if repaired:
+                log.warning("sandbox %s: repaired %s", sid[:12], ", ".join(repaired))
+            return repaired
+
+    # ------------------------------------------------------------ teardown
+
+    def teardown(self, network: PodNetwork | str) -> None:
+        """StopPodSandbox: stop dnsmasq, unwire, CNI DEL (also when the netns is gone), delete host links.
+
+        Idempotent. Raises NetworkError when CNI DEL failed (the cache entry is kept for a retry)."""
+        sid = self._id_of(network)
+        with self._lock(sid):
+            self._teardown(sid)
+            rec = self._read_record(sid)
+            if rec is not None and rec.get("phase") != PHASE_STOPPED:
+                pn = self.get(sid)
+                self._write_record(sid, PHASE_STOPPED, dataclasses.replace(pn, state="stopped", dnsmasq_pid=0)
+                                   if pn else None, binding=rec.get("binding"))
+
+    def remove(self, network: PodNetwork | str) -> None:
+        """RemovePodSandbox: teardown if needed, then the netns and all state. Idempotent."""
+        sid = self._id_of(network)
+        with self._lock(sid):
+            self._teardown(sid)
+            self._remove_rest(sid)
+
+    def _teardown(self, sid: str) -> None:
+        errors: list[str] = []
+        ns = netns_name(sid)
+        ns_path = netns.path_of(ns)
+        have_ns = netns.exists(ns)
+        dhcp.stop(self.pidfile(sid))
+        if have_ns:
+            try:
+                netns.run_in(ns_path, links.pod_unwire)
+                if shutil.which("nft"):
+                    masquerade.remove(ns_path)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"unwiring {ns}: {e}")
+        try:
+            self.cni.delete(sid, POD_IFNAME, ns_path if have_ns else "")
+        except (CNIPluginError, CNIConfigError) as e:
+            errors.append(str(e))
+        try:
+            links.host_delete(host_bridge(sid), host_veth(sid))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"deleting host links: {e}")
+        if errors:
+            raise NetworkError(f"tearing down the network of sandbox {sid[:12]}: " + "; ".join(errors))
+
+    def _remove_rest(self, sid: str) -> None:
+        netns.remove(netns_name(sid))
+        shutil.rmtree(self._dir(sid), ignore_errors=True)
+
+    # ------------------------------------------------------------ reconcile
+
+    def sweep(self, known_sandbox_ids: Iterable[str]) -> list[str]:
+        """Remove every pod network of this instance whose sandbox the shim does not know.
+
+        Also tears down known sandboxes whose setup never finished (a crash inside setup: the
+        shim never got their PodNetwork). Call it at start-up, before serving."""
+        known = set(known_sandbox_ids)
+        removed: list[str] = []
+        if self.records_dir.is_dir():
+            for d in sorted(self.records_dir.iterdir()):
+                sid = d.name
+                try:
+                    check_sandbox_id(sid)
+                except ValueError:
+                    continue
+                rec = self._read_record(sid) or {}
+                try:
+                    if sid not in known:
+                        self.remove(sid)
+                        removed.append(f"sandbox {sid}")
+                    elif rec.get("phase", PHASE_SETTING_UP) == PHASE_SETTING_UP:
+                        self.remove(sid)
+                        removed.append(f"half-set-up sandbox {sid}")
+                except NetworkError as e:
+                    log.error("sweep: %s", e)
+        for entry in self.cni.cache_entries():
+            if entry.container_id in known:
+                continue
+            ns = netns.path_of(netns_name(entry.container_id)) if len(entry.container_id) >= 16 else ""
+            try:
+                self.cni.delete(entry.container_id, entry.ifname, ns if ns and netns.exists(ns) else "")
+                removed.append(f"CNI {entry.network}/{entry.container_id}/{entry.ifname}")
+            except (CNIPluginError, CNIConfigError) as e:
+                log.error("sweep: CNI DEL of %s failed: %s", entry.path.name, e)
+        for sid, names in links.host_links(self.tag).items():
+            if sid not in known:
+                links.host_delete(host_bridge(sid), host_veth(sid))
+                removed += [f"link {n}" for n in names]
+        prefix = str(self.records_dir) + "/"
+        for pid in dhcp.find_processes(prefix):
+            pidfile = dhcp.pidfile_of(pid) or ""
+            sid = pidfile[len(prefix):].split("/", 1)[0]
+            if sid not in known:
+                dhcp.stop(pidfile)
+                removed.append(f"dnsmasq {pid}")
+        if removed:
+            log.warning("swept leftovers: %s", ", ".join(removed))
+        return removed
+
+
+__all__ = ["NetworkManager", "DHCP_SERVER_CIDR"]
