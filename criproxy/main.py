@@ -1,22 +1,124 @@
 """`criproxy`: one CRI socket for the kubelet, routing VM pods to vmlet and the rest to containerd.
 
-Not implemented yet: only --version answers.
+    criproxy [serve] --listen /run/criproxy/criproxy.sock \\
+        --backend containerd=/run/containerd/containerd.sock --backend virtlet.cloud=/run/vmlet/vmlet.sock \\
+        [--default containerd] [--config /etc/criproxy/criproxy.yaml] [--log-level info]
+    criproxy install [--root /] [--kubelet-flags F] [--kubelet-config F] [--backend virtlet.cloud=/run/vmlet/vmlet.sock]
+    criproxy uninstall [--root /]
+
+Config file keys (flags override): listen, default, backends: [{name, socket}], log_level.
+The first backend is the default unless --default names another.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import signal
 import sys
+from pathlib import Path
+
+import yaml
 
 from cri_shim.main import package_version
+from criproxy import install as installer
+from criproxy.routing import parse_backends
+
+DEFAULT_LISTEN = installer.PROXY_SOCKET
+CONFIG_KEYS = {"listen", "default", "backends", "log_level"}
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--listen", help=f"unix socket to serve on (default {DEFAULT_LISTEN})")
+    p.add_argument("--backend", action="append", default=[], metavar="NAME=SOCKET",
+                   help="a runtime (repeatable); NAME is what pods' kubernetes.io/target-runtime names")
+    p.add_argument("--default", help="the default backend's name (default: the first)")
+    p.add_argument("--log-level", help="debug|info|warning|error (default info)")
+
+
+def load_config(args) -> dict:
+    cfg: dict = {}
+    if args.config:
+        cfg = yaml.safe_load(args.config.read_text()) or {}
+        unknown = set(cfg) - CONFIG_KEYS
+        if unknown:
+            raise SystemExit(f"criproxy: unknown config keys in {args.config}: {sorted(unknown)}")
+    backends = [(b["name"], str(b["socket"])) for b in cfg.get("backends", [])]
+    if args.backend:
+        backends = parse_backends(args.backend)
+    if not backends:
+        raise SystemExit("criproxy: no backends (use --backend NAME=SOCKET or a config file)")
+    return {
+        "listen": args.listen or cfg.get("listen") or DEFAULT_LISTEN,
+        "backends": backends,
+        "default": args.default or cfg.get("default") or backends[0][0],
+        "log_level": (args.log_level or cfg.get("log_level") or "info").upper(),
+    }
+
+
+async def _serve(cfg: dict) -> None:
+    from criproxy.server import start
+    server, backends = await start(cfg["listen"], cfg["backends"], cfg["default"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("criproxy").info("stopping")
+    await server.stop(grace=5)
+    await backends.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="criproxy", description="CRI proxy: VM pods to vmlet, others to containerd")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="criproxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"criproxy {package_version()}")
-    parser.parse_args(argv)
-    print("criproxy: not implemented yet", file=sys.stderr)
-    return 2
+    sub = parser.add_subparsers(dest="cmd")
+    _serve_args(sub.add_parser("serve", help="serve the proxy (the default command)"))
+    ins = sub.add_parser("install", help="point an existing node's kubelet at the proxy")
+    ins.add_argument("--root", type=Path, default=Path("/"))
+    ins.add_argument("--kubelet-flags", default="/var/lib/kubelet/kubeadm-flags.env")
+    ins.add_argument("--kubelet-config", default="/var/lib/kubelet/config.yaml")
+    ins.add_argument("--backend", action="append", default=None, metavar="NAME=SOCKET",
+                     help="non-default backends (default virtlet.cloud=/run/vmlet/vmlet.sock)")
+    ins.add_argument("--default-name", default="containerd", help="name of the node's current runtime")
+    ins.add_argument("--listen", default=DEFAULT_LISTEN)
+    ins.add_argument("--criproxy-bin", default=None, help="path of criproxy in the unit (default: this one)")
+    un = sub.add_parser("uninstall", help="undo `criproxy install`")
+    un.add_argument("--root", type=Path, default=Path("/"))
+    if not argv or argv[0] not in ("serve", "install", "uninstall", "-h", "--help", "--version"):
+        argv = ["serve", *argv]
+    args = parser.parse_args(argv)
+
+    if args.cmd == "install":
+        backends = parse_backends(args.backend or ["virtlet.cloud=/run/vmlet/vmlet.sock"])
+        exe = args.criproxy_bin or str(Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "criproxy"
+                                       else "/usr/local/bin/criproxy")
+        try:
+            state = installer.install(args.root, args.kubelet_flags, args.kubelet_config, backends,
+                                      default_name=args.default_name, listen=args.listen, criproxy_bin=exe)
+        except installer.InstallError as e:
+            print(f"criproxy install: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(state, indent=2))
+        print(f"next: {installer.NEXT_STEPS}", file=sys.stderr)
+        return 0
+    if args.cmd == "uninstall":
+        state = installer.uninstall(args.root)
+        print("criproxy uninstall: " + ("not installed" if state is None else "done"), file=sys.stderr)
+        if state is not None:
+            print("next: systemctl daemon-reload && systemctl disable --now criproxy && systemctl restart kubelet",
+                  file=sys.stderr)
+        return 0
+
+    cfg = load_config(args)
+    logging.basicConfig(level=cfg["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(cfg))
+    return 0
 
 
 if __name__ == "__main__":

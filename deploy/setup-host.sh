@@ -134,5 +134,7 @@ install_packages
 ensure_accounts
 start_libvirt
 report_kvm
+# containerd: the CRI proxy's default runtime (own config, state and socket; local images only).
+bash "$REPO/deploy/containerd/setup-containerd.sh" >/dev/null || die "containerd set-up failed"
 setup_venv
 log "done"

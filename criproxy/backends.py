@@ -1,0 +1,119 @@
+"""The backends: one gRPC channel each, raw-bytes callables per method, errors that name the backend.
+
+gRPC channels reconnect by themselves; the reconnect backoff is capped low (1 s)
+so a backend that comes back is used again within about a second. A call to a
+backend that is down fails fast (no wait-for-ready) with UNAVAILABLE naming it:
+"backend virtlet.cloud (/run/vmlet/vmlet.sock) is unavailable: ...".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+log = logging.getLogger("criproxy.backends")
+
+MAX_MESSAGE = 16 * 1024 * 1024  # the kubelet's own CRI limit
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+
+
+class BackendError(Exception):
+    """A call failed; code and details are what the kubelet gets."""
+
+    def __init__(self, backend: str, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.backend = backend
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class Backend:
+    name: str
+    socket: str
+    default: bool = False
+    channel: aio.Channel | None = None
+    _unary: dict[str, object] = field(default_factory=dict)
+    _stream: dict[str, object] = field(default_factory=dict)
+
+    def open(self) -> None:
+        self.channel = aio.insecure_channel(f"unix://{self.socket}", options=CHANNEL_OPTIONS)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    def _callable(self, path: str, streaming: bool):
+        cache = self._stream if streaming else self._unary
+        fn = cache.get(path)
+        if fn is None:
+            make = self.channel.unary_stream if streaming else self.channel.unary_unary
+            fn = cache[path] = make(path, request_serializer=None, response_deserializer=None)
+        return fn
+
+    def error(self, e: grpc.RpcError) -> BackendError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = (e.details() if hasattr(e, "details") else str(e)) or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"backend {self.name} ({self.socket}) is unavailable: {details}"
+        return BackendError(self.name, code, details)
+
+    async def unary(self, path: str, request: bytes, timeout: float | None, metadata=None) -> bytes:
+        try:
+            return await self._callable(path, False)(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            raise self.error(e) from None
+
+    def stream(self, path: str, request: bytes, timeout: float | None, metadata=None):
+        """The call object (async iterator of response bytes); iterate with `iterate()`."""
+        return self._callable(path, True)(request, timeout=timeout, metadata=metadata)
+
+    async def iterate(self, call):
+        try:
+            async for item in call:
+                yield item
+        except grpc.RpcError as e:
+            raise self.error(e) from None
+
+    def state(self) -> str:
+        if self.channel is None:
+            return "CLOSED"
+        return self.channel.get_state(try_to_connect=False).name
+
+
+class Backends:
+    def __init__(self, specs: list[tuple[str, str]], default: str | None = None):
+        if not specs:
+            raise ValueError("at least one backend is needed")
+        default = default or specs[0][0]
+        if default not in {n for n, _ in specs}:
+            raise ValueError(f"default backend {default!r} is not among the backends {[n for n, _ in specs]}")
+        self.by_name = {n: Backend(n, s, default=(n == default)) for n, s in specs}
+        self.default = default
+
+    def open(self) -> None:
+        for b in self.by_name.values():
+            b.open()
+            log.info("backend %s%s at %s", b.name, " (default)" if b.default else "", b.socket)
+
+    async def close(self) -> None:
+        for b in self.by_name.values():
+            await b.close()
+
+    def __getitem__(self, name: str) -> Backend:
+        return self.by_name[name]
+
+    def __iter__(self):
+        return iter(self.by_name.values())
