@@ -133,6 +133,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
             domain_type=rt.domain_type, disks=disks, console_log=str(files.console_log),
             # The VM's NIC joins the pod's network through the sandbox's host bridge (docs/networking.md).
             interfaces=[Interface("bridge", source=network.host_bridge, mac=network.vm_mac)],
+            cpu_period_us=cfg.linux.resources.cpu_period if cfg.linux.resources.cpu_quota > 0 else 0,
+            cpu_quota_us=max(0, cfg.linux.resources.cpu_quota),
             cpu=cpu_for(vm),
             metadata={
                 "instance": rt.instance_id, "container-id": container_id, "sandbox-id": sandbox_id,

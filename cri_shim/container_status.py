@@ -59,6 +59,12 @@ def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb
             "rootDisk": str(files.root_disk),
             "cloudInitImage": str(files.cloud_init_iso),
             "consoleLog": str(files.console_log),
+            # libvirt places QEMU in its own machine partition; the kubelet's cgroup parent for the pod
+            # is not used (see README: resources). Reported so an operator sees where the VM's CPU goes.
+            "cgroupParent": rt.sandbox_config(rt.store.sandboxes[c.sandbox_id]).linux.cgroup_parent
+            if c.sandbox_id in rt.store.sandboxes else "",
+            "cgroupPlacement": "libvirt machine partition (/machine); CPU and memory limits enforced by "
+                               "libvirt's <cputune> and the VM's memory size",
         }, sort_keys=True)
     return resp
 

@@ -82,6 +82,9 @@ class DomainSpec:
     # libvirtd and vmlet restarts.
     console_log: str | None = None
     cpu: CPU | None = None  # None: host-model under KVM, QEMU's default under TCG
+    # The pod's CPU limit as a CFS quota for the whole VM (all vCPUs and QEMU's own threads).
+    cpu_period_us: int = 0
+    cpu_quota_us: int = 0
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -141,6 +144,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "memory", str(spec.memory_kib), unit="KiB")
     _sub(dom, "currentMemory", str(spec.memory_kib), unit="KiB")
     _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+    if spec.cpu_quota_us > 0 and spec.cpu_period_us > 0:
+        tune = _sub(dom, "cputune")
+        _sub(tune, "global_period", str(spec.cpu_period_us))
+        _sub(tune, "global_quota", str(spec.cpu_quota_us))
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64")

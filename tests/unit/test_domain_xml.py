@@ -36,6 +36,12 @@ def test_renders_identity_resources_and_devices():
     assert root.find("devices/serial/log").attrib == {"file": "/var/log/vm.log", "append": "on"}
 
 
+def test_cpu_limit_becomes_a_global_quota():
+    tune = ET.fromstring(build_domain_xml(spec(cpu_period_us=100000, cpu_quota_us=150000))).find("cputune")
+    assert (tune.findtext("global_period"), tune.findtext("global_quota")) == ("100000", "150000")
+    assert ET.fromstring(build_domain_xml(spec())).find("cputune") is None
+
+
 def test_no_scsi_controller_without_scsi_disks():
     root = ET.fromstring(build_domain_xml(spec(disks=[Disk("/x.qcow2", "vda")])))
     assert root.find("devices/controller") is None

@@ -8,6 +8,7 @@ exactly, not by a racing timer.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -108,6 +109,7 @@ def test_running_vm_survives_kill_and_restart_between_steps(vmlet_factory, vmlet
 
 
 @pytest.mark.parametrize("point, expect", [
+    ("run.after-network", "no-sandbox"),
     ("create.after-acquire", "gone"),
     ("create.after-overlay", "gone"),
     ("create.after-define", "gone"),
@@ -120,6 +122,20 @@ def test_crash_inside_an_rpc_is_reconciled_on_restart(vmlet_factory, vmlet_dir, 
     vmlet = vmlet_factory()
     client = vmlet.start()
     client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)))
+    if point.startswith("run."):
+        vmlet.stop()
+        client = vmlet.start(crashpoint=point)
+        netns_before = set(os.listdir("/run/netns"))
+        with pytest.raises(grpc.RpcError) as e:
+            run_pod(client, vmlet_dir)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and vmlet.wait_dead() == -9
+        leaked = {n for n in set(os.listdir("/run/netns")) - netns_before if n.startswith("vmlet-")}
+        assert leaked, "the crash should have left the new pod's netns behind"
+        client = vmlet.start()
+        assert not client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
+        assert not leaked & set(os.listdir("/run/netns")), "recovery must sweep the unknown sandbox's network"
+        vmlet.stop()
+        return
     pod, sandbox_id = run_pod(client, vmlet_dir)
     container_id = None
     if point.startswith(("start.", "stop.", "remove.")):

@@ -9,6 +9,9 @@ import grpc
 import pytest
 
 from proto.runtime.v1 import api_pb2
+from tests.support import cri
+
+from .conftest import TESTVM
 
 from .test_exits import domain_of, start_vm
 from .test_lifecycle import wait_for_log
@@ -54,3 +57,16 @@ def test_reopen_container_log_after_rotation(client, pulled, vmlet_dir):
     with pytest.raises(grpc.RpcError) as e:
         client.runtime.ReopenContainerLog(api_pb2.ReopenContainerLogRequest(container_id=cid))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_cpu_limit_becomes_vcpus_and_a_quota_on_the_running_vm(client, pulled, vmlet_dir, libvirt_conn):
+    pod = cri.pod_config(name="cpulimit", log_directory=str(vmlet_dir / "pods" / "cpulimit"))
+    sid = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+    cid = client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+        pod_sandbox_id=sid, config=cri.container_config(TESTVM, cpu_quota=150000), sandbox_config=pod)).container_id
+    client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+    dom = domain_of(libvirt_conn, cid)
+    assert dom.maxVcpus() == 2  # 1.5 CPUs -> 2 vCPUs, capped at 1.5 CPUs of time
+    params = dom.schedulerParameters()
+    assert (params["global_period"], params["global_quota"]) == (100000, 150000)
+    wait_for_log(vmlet_dir / "pods" / "cpulimit" / "vm" / "0.log", r"VMLET-TESTVM: boot marker$", 120)
