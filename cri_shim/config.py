@@ -47,6 +47,7 @@ class Config(BaseModel):
     # Domain names are <prefix><container id[:32]>; tests use their own prefix.
     domain_prefix: str = Field("vmlet-", pattern=r"^[a-z][a-z0-9-]{0,20}$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def vms_dir(self) -> Path:

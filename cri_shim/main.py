@@ -30,18 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-allow-network", action="append", dest="image_allow_networks", metavar="CIDR",
                         help="let image downloads reach this range even if denied (repeatable)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("text", "json"), help="daemon log format (default text)")
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load
+    from .logs import configure as configure_logging
     try:
         config = load(args.config, socket=args.socket, libvirt_uri=args.libvirt_uri, state_dir=args.state_dir,
                       accelerator=args.accelerator, image_translations=args.image_translations,
-                      image_allow_networks=args.image_allow_networks, log_level=args.log_level)
+                      image_allow_networks=args.image_allow_networks, log_level=args.log_level,
+                      log_format=args.log_format)
     except ConfigError as e:
         print(f"vmlet: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
 
     from .server import Daemon
     try:
