@@ -1,0 +1,99 @@
+"""VM → pod (vmapi.podspec): the annotations must be what the node runtime accepts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from cri_shim import annotations as va
+from vmapi import podspec
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@example"
+VM = {
+    "apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
+    "metadata": {"name": "web", "namespace": "prod", "uid": "1111-2222"},
+    "spec": {"runStrategy": "Always", "template": {
+        "metadata": {"labels": {"app": "web", "vmlet.dev/vm": "spoof"},
+                     "annotations": {"team": "a", "VirtletVCPUCount": "99"}},
+        "spec": {
+            "domain": {"cpu": {"cores": 2, "model": "host-passthrough"}, "memory": {"guest": "2Gi"},
+                       "rootDisk": {"image": "virtlet.cloud/debian", "bus": "scsi", "size": "20Gi"},
+                       "interface": {"binding": "masquerade"}},
+            "cloudInit": {"userData": "#cloud-config\npackages: [nginx]\n", "sshKeys": [KEY],
+                          "userDataSecretRef": {"name": "web-ud"},
+                          "sshKeysSecretRef": {"name": "web-keys", "key": "keys"}},
+            "nodeSelector": {"zone": "a"},
+            "tolerations": [{"key": "vm", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}},
+            "terminationGracePeriodSeconds": 30,
+        }}},
+}
+
+
+def test_pod_is_an_annotated_virtlet_pod_the_node_runtime_accepts():
+    pod = podspec.render(VM)
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "web-vm" and meta["namespace"] == "prod"
+    assert meta["ownerReferences"] == [{"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "name": "web",
+                                        "uid": "1111-2222", "controller": True, "blockOwnerDeletion": True}]
+    parsed = va.VMAnnotations.from_pod_annotations(meta["annotations"])
+    assert parsed.target_runtime == "virtlet.cloud"
+    assert parsed.vcpu_count == 2  # the spec wins over a template annotation
+    assert parsed.disk_driver == "scsi" and parsed.cpu_model == "host-passthrough"
+    assert parsed.root_volume_size == 20 * 1024**3 and parsed.network_binding == "masquerade"
+    assert parsed.cloud_init_user_data == {"packages": ["nginx"]} and parsed.ssh_keys == (KEY,)
+    assert parsed.cloud_init_user_data_source == va.DataSourceRef(kind="secret", name="web-ud")
+    assert meta["annotations"][va.CLOUD_INIT_USER_DATA_SOURCE_KEY] == "userdata"
+    assert parsed.ssh_key_source == va.DataSourceRef(kind="secret", name="web-keys", key="keys")
+    assert meta["annotations"]["team"] == "a"
+    assert meta["labels"] == {"app": "web", "vmlet.dev/vm": "web", "vmlet.dev/vm-uid": "1111-2222"}
+    assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 30
+    assert spec["nodeSelector"] == {"zone": "a", "vmlet.dev/runtime": "virtlet"}
+    assert spec["tolerations"] == [{"key": "vm", "operator": "Exists"}] and spec["affinity"] == {"nodeAffinity": {}}
+    (c,) = spec["containers"]
+    assert c["image"] == "virtlet.cloud/debian"
+    assert c["resources"] == {"requests": {"memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+
+
+def test_defaults_and_script_user_data():
+    vm = {"metadata": {"name": "m", "namespace": "n", "uid": "u"},
+          "spec": {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/x"}},
+                                         "cloudInit": {"userData": "#!/bin/sh\necho hi\n"}}}}}
+    ann = podspec.render(vm)["metadata"]["annotations"]
+    parsed = va.VMAnnotations.from_pod_annotations(ann)
+    assert parsed.vcpu_count == 1 and parsed.disk_driver == "virtio" and parsed.network_binding == "bridge"
+    assert parsed.cloud_init_user_data_script == "#!/bin/sh\necho hi\n" and parsed.cloud_init_user_data is None
+    assert va.ROOT_VOLUME_SIZE not in ann
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    (("cloudInit", "userData"), "- a list\n", "VirtletCloudInitUserData"),
+    (("domain", "rootDisk", "size"), "17Ti", "VirtletRootVolumeSize"),
+    (("domain", "memory", "guest"), "1.5", "memory"),
+    (("domain", "cpu", "cores"), 0, "cores"),
+])
+def test_what_the_node_would_refuse_is_a_spec_error(path, value, needle):
+    vm = copy.deepcopy(VM)
+    node = vm["spec"]["template"]["spec"]
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    with pytest.raises(podspec.SpecError, match=needle):
+        podspec.render(vm)
+
+
+def test_template_hash_ignores_defaulting_but_not_changes():
+    bare = {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/x"}}}}}
+    defaulted = {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/x", "bus": "virtio"},
+                                                  "cpu": {"cores": 1}}}}}
+    changed = {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/x"}, "cpu": {"cores": 2}}}}}
+    assert podspec.template_hash(bare) == podspec.template_hash(defaulted) != podspec.template_hash(changed)
+    assert podspec.template_hash({"runStrategy": "Halted", **bare}) == podspec.template_hash(bare)
+
+
+def test_ownership():
+    pod = podspec.render(VM)
+    assert podspec.is_owned_by(pod, VM)
+    assert not podspec.is_owned_by(pod, {"metadata": {"uid": "other"}})
+    assert not podspec.is_owned_by({"metadata": {}}, VM)

@@ -1,0 +1,178 @@
+"""Thin wrappers around the official kubernetes client, and the API permissions they need.
+
+Every call the controller makes goes through a method declared with `@uses(group,
+resource, verb)`; `PERMISSIONS` is that table plus what kopf itself calls. The
+RBAC manifest is tested against it, and the kmock tests check that every request
+the running operator sends is in it.
+
+Bodies are read as plain dicts (`_preload_content=False`): the controller works on
+JSON like kopf does, and skipping the client's model classes is most of a
+reconcile's CPU time. Patches are JSON merge patches: strategic merge is a
+kube-apiserver speciality (and kmock, the test emulator, lacks it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, TypeVar
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from vmapi import types
+
+MERGE = "application/merge-patch+json"
+F = TypeVar("F", bound=Callable[..., Any])
+
+USED: dict[tuple[str, str, str], str] = {}
+# kopf's own calls: watching the handled resources, posting events, peering, CRD scanning.
+KOPF: dict[tuple[str, str, str], str] = {
+    (types.GROUP, types.PLURAL, "list"): "kopf: list+watch VMs",
+    (types.GROUP, types.PLURAL, "watch"): "kopf: list+watch VMs",
+    (types.GROUP, types.PLURAL, "patch"): "kopf: finalizer and progress annotations",
+    ("", "pods", "list"): "kopf: list+watch VM pods",
+    ("", "pods", "watch"): "kopf: list+watch VM pods",
+    ("", "events", "create"): "kopf.event(): transitions as Kubernetes events",
+    ("kopf.dev", "clusterkopfpeerings", "list"): "kopf peering (one active controller)",
+    ("kopf.dev", "clusterkopfpeerings", "watch"): "kopf peering",
+    ("kopf.dev", "clusterkopfpeerings", "patch"): "kopf peering",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf: resource scanning",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf: resource scanning",
+}
+
+
+def uses(group: str, resource: str, verb: str) -> Callable[[F], F]:
+    def mark(fn: F) -> F:
+        USED[(group, resource, verb)] = f"{fn.__qualname__}"
+        return fn
+    return mark
+
+
+class Conflict(Exception):
+    """409: already exists, or a precondition (resourceVersion, uid) did not hold."""
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None,
+                    user_agent: str | None = None) -> kubernetes.client.ApiClient:
+    """From a kubeconfig file, else in-cluster service account, else ~/.kube/config (or $KUBECONFIG)."""
+    cfg = kubernetes.client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    else:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    api = kubernetes.client.ApiClient(configuration=cfg)
+    if user_agent:
+        api.user_agent = user_agent
+    return api
+
+
+def connection_info(api: kubernetes.client.ApiClient):
+    """The same endpoint and credentials for kopf (its own aiohttp client), from the kubernetes client's."""
+    import kopf
+    cfg = api.configuration
+    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    scheme, token = (None, None)
+    if auth:
+        scheme, _, token = auth.partition(" ") if " " in auth else ("Bearer", "", auth)
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl, scheme=scheme, token=token,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+    )
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    return json.loads(resp.data or b"{}")
+
+
+class Kube:
+    """The API calls the controller and vmctl make; dicts in, dicts out."""
+
+    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+        self.api = api
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+
+    # -- pods
+    @uses("", "pods", "get")
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _json(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    @uses("", "pods", "create")
+    def create_pod(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return _json(self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest,
+                                                         _preload_content=False))
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"pod {manifest['metadata']['name']} already exists") from None
+            raise
+
+    @uses("", "pods", "delete")
+    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> bool:
+        """False when already gone. The uid precondition never deletes a newer pod of the same name."""
+        body = kubernetes.client.V1DeleteOptions(
+            preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
+        try:
+            self.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            if e.status == 409:
+                raise Conflict(f"pod {name}: uid precondition failed") from None
+            raise
+
+    # -- virtual machines
+    @uses(types.GROUP, types.PLURAL, "get")
+    def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _json(self.custom.get_namespaced_custom_object(
+                types.GROUP, types.VERSION, namespace, types.PLURAL, name, _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    @uses(types.GROUP, types.PLURAL, "list")
+    def list_vms(self, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace is None:
+            resp = self.custom.list_cluster_custom_object(types.GROUP, types.VERSION, types.PLURAL,
+                                                          _preload_content=False)
+        else:
+            resp = self.custom.list_namespaced_custom_object(types.GROUP, types.VERSION, namespace, types.PLURAL,
+                                                             _preload_content=False)
+        items = _json(resp).get("items") or []
+        # kmock (and only it) ignores the namespace of a namespaced list: filter here too.
+        return [i for i in items if namespace is None or i.get("metadata", {}).get("namespace") == namespace]
+
+    @uses(types.GROUP, types.PLURAL, "patch")
+    def patch_vm(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return _json(self.custom.patch_namespaced_custom_object(
+                types.GROUP, types.VERSION, namespace, types.PLURAL, name, patch,
+                _content_type=MERGE, _preload_content=False))
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"virtualmachine {name} changed meanwhile") from None
+            raise
+
+    @uses(types.GROUP, f"{types.PLURAL}/status", "patch")
+    def patch_vm_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return _json(self.custom.patch_namespaced_custom_object_status(
+            types.GROUP, types.VERSION, namespace, types.PLURAL, name, {"status": status},
+            _content_type=MERGE, _preload_content=False))
+
+
+# Used by vmctl only (it runs with the user's credentials, not the controller's).
+VMCTL_ONLY = ("Kube.list_vms",)
+
+
+def controller_permissions() -> dict[tuple[str, str, str], str]:
+    """(group, resource, verb) the controller calls: kopf's needs and the Kube methods it uses."""
+    return {**KOPF, **{k: v for k, v in USED.items() if v not in VMCTL_ONLY}}

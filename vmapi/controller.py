@@ -1,0 +1,124 @@
+"""kopf handlers: thin. The work is in reconcile.py (and the pure modules below it).
+
+Shape — a controller-runtime style work queue made of kopf parts:
+
+* one `@kopf.daemon` per VM is that VM's worker: it runs `reconcile_once` in a
+  thread, then sleeps until woken, until a requested delay (crash-loop
+  back-off) or until the periodic resync. Passes for one VM never overlap; a
+  burst of events collapses into one pass; a failing pass is retried with
+  exponential back-off (API errors never crash-loop the controller).
+* `@kopf.on.event` for VMs and for VM pods (label `vmlet.dev/vm`) only wake the
+  worker of the VM concerned.
+* `@kopf.on.delete` deletes the pod and holds kopf's finalizer until it is gone
+  (printableStatus Terminating meanwhile).
+
+Nothing is kept between passes but the wake-up flags: after a restart of the
+controller every VM gets a fresh worker whose first pass reads the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from vmapi import podspec, reconcile, types
+from vmapi.client import Kube, connection_info
+
+FINALIZER = "vmlet.dev/vm-controller"
+ERROR_BACKOFF = (0.5, 1, 2, 5, 10, 30, 60)
+
+
+@dataclasses.dataclass
+class Context:
+    """Shared by all handlers of one operator (kopf's memo holds it)."""
+
+    kube: Kube
+    opts: reconcile.Options = dataclasses.field(default_factory=reconcile.Options)
+    wakeups: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
+    passes: int = 0  # reconcile passes done (the benchmark reads it)
+
+
+def _ctx(memo: Any) -> Context:
+    return memo["vmlet"]
+
+
+@kopf.on.login()
+def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    return connection_info(_ctx(memo).kube.api)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="vmlet.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="vmlet.dev", key="last-handled-configuration")
+    settings.posting.loggers = False  # only our explicit transition events become Kubernetes events
+    # Watch only VM pods, not every pod of the cluster (a real API server filters; kmock ignores it).
+    settings.watching.label_selectors["pods"] = podspec.LABEL_VM
+    settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21)
+
+
+def _wake(memo: Any, namespace: str | None, name: str | None) -> None:
+    ev = _ctx(memo).wakeups.get((namespace or "", name or ""))
+    if ev is not None:
+        ev.set()
+
+
+@kopf.on.event(types.GROUP, types.VERSION, types.PLURAL)
+async def vm_event(namespace: str, name: str, memo: Any, **_: Any) -> None:
+    _wake(memo, namespace, name)
+
+
+@kopf.on.event("v1", "pods", labels={podspec.LABEL_VM: kopf.PRESENT})
+async def pod_event(namespace: str, labels: dict[str, str], memo: Any, **_: Any) -> None:
+    _wake(memo, namespace, labels.get(podspec.LABEL_VM))
+
+
+@kopf.daemon(types.GROUP, types.VERSION, types.PLURAL, cancellation_timeout=2.0)
+async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    ctx = _ctx(memo)
+    key = (namespace, name)
+    wake = ctx.wakeups[key] = asyncio.Event()
+    failures = 0
+    try:
+        while True:  # ends by cancellation: kopf stops the daemon on deletion and on exit
+            wake.clear()
+            delay = ctx.opts.resync_seconds
+            try:
+                res = await asyncio.to_thread(reconcile.reconcile_once, ctx.kube, namespace, name, ctx.opts,
+                                              time.time())
+                ctx.passes += 1
+                if res.vm is not None:
+                    for type_, reason, message in res.events:
+                        kopf.event(res.vm, type=type_, reason=reason, message=message)
+                failures = failures + 1 if res.error else 0
+                if res.error:
+                    logger.warning("reconcile: %s", res.error)
+                    delay = ERROR_BACKOFF[min(failures, len(ERROR_BACKOFF)) - 1]
+                elif res.requeue_after is not None:
+                    delay = min(delay, res.requeue_after)
+            except Exception as e:  # API unreachable, 5xx, a bug: log and retry later, never die
+                failures += 1
+                delay = ERROR_BACKOFF[min(failures, len(ERROR_BACKOFF)) - 1]
+                logger.warning("reconcile failed (retry in %ss): %s", delay, e, exc_info=failures == 1)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+    finally:
+        if ctx.wakeups.get(key) is wake:
+            del ctx.wakeups[key]
+
+
+@kopf.on.delete(types.GROUP, types.VERSION, types.PLURAL)
+async def vm_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
+    done = await asyncio.to_thread(reconcile.finalize, _ctx(memo).kube, dict(body))
+    if not done:
+        raise kopf.TemporaryError("waiting for the VM pod to terminate", delay=2)
+    kopf.event(dict(body), type="Normal", reason="Deleted", message="VM pod is gone")

@@ -1,0 +1,158 @@
+"""VM → pod manifest (pure). The pod is what the node runtime (cri_shim) runs as a VM.
+
+* Name `<vm>-vm`, deterministic: the controller finds its pod by name (no label
+  selectors needed, no generateName), and a second controller racing to create
+  it gets 409 instead of a twin VM. A restart therefore waits until the old pod
+  is gone, as KubeVirt's VMI (named as its VM) does.
+* Owner reference to the VM (controller=true, with uid) so the garbage collector
+  removes the pod when the VM goes, even without this controller.
+* Annotations: `kubernetes.io/target-runtime: virtlet.cloud` (the CRI proxy routes
+  on it), the virtlet annotations generated from the spec, and the template hash
+  (`vmlet.dev/template-hash`) that status.py compares to report RestartRequired.
+  Template annotations pass through, but the generated ones win.
+* restartPolicy Never: restarts are the controller's decision (runStrategy), not
+  the kubelet's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+from cri_shim import annotations as va
+from vmapi import types
+
+POD_SUFFIX = "-vm"
+LABEL_VM = "vmlet.dev/vm"
+LABEL_VM_UID = "vmlet.dev/vm-uid"
+ANN_TEMPLATE_HASH = "vmlet.dev/template-hash"
+CONTAINER = "vm"
+# Nodes that run vmlet (the DaemonSet's nodeSelector carries the same label).
+NODE_SELECTOR = {"vmlet.dev/runtime": "virtlet"}
+TARGET_RUNTIME = "virtlet.cloud"
+
+
+class SpecError(ValueError):
+    """The spec passed the schema but cannot become a valid VM pod."""
+
+
+def pod_name(vm_name: str) -> str:
+    return vm_name + POD_SUFFIX
+
+
+def template_hash(spec: Mapping[str, Any]) -> str:
+    """A stable hash of spec.template — what a running pod was made from.
+
+    Hashed after parsing with the model's defaults filled in, so a template the API
+    server defaulted and one it did not (or an older object missing a new defaulted
+    field) hash the same; an unparseable template is hashed as written.
+    """
+    try:
+        template: Any = parse_spec(spec).template.model_dump(mode="json", exclude_none=True)
+    except SpecError:
+        template = spec.get("template") or {}
+    blob = json.dumps(template, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_spec(spec: Mapping[str, Any]) -> types.VirtualMachineSpec:
+    """The spec as the model; SpecError names the field when the API server let something through."""
+    from pydantic import ValidationError
+    try:
+        return types.VirtualMachineSpec.model_validate(dict(spec))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"spec.{where}: {err['msg']}") from None
+
+
+def vm_annotations(spec: types.VirtualMachineSpec) -> dict[str, str]:
+    """The virtlet annotations the node runtime reads, from the spec."""
+    vmi = spec.template.spec
+    dom = vmi.domain
+    out = {
+        va.TARGET_RUNTIME: TARGET_RUNTIME,
+        va.VCPU_COUNT: str(dom.cpu.cores),
+        va.DISK_DRIVER: dom.rootDisk.bus,
+        va.NETWORK_BINDING: dom.interface.binding,
+    }
+    if dom.cpu.model:
+        out[va.CPU_MODEL] = dom.cpu.model
+    if dom.rootDisk.size:
+        out[va.ROOT_VOLUME_SIZE] = dom.rootDisk.size
+    ci = vmi.cloudInit
+    if ci is not None:
+        if ci.userData and ci.userData.strip():
+            # virtlet: a mapping goes to VirtletCloudInitUserData, a script to ...UserDataScript.
+            key = va.CLOUD_INIT_USER_DATA_SCRIPT if ci.userData.lstrip().startswith("#!") else va.CLOUD_INIT_USER_DATA
+            out[key] = ci.userData
+        if ci.userDataSecretRef is not None:
+            out[va.CLOUD_INIT_USER_DATA_SOURCE] = f"secret/{ci.userDataSecretRef.name}"
+            out[va.CLOUD_INIT_USER_DATA_SOURCE_KEY] = ci.userDataSecretRef.key or "userdata"
+        if ci.sshKeys:
+            out[va.SSH_KEYS] = "\n".join(ci.sshKeys)
+        if ci.sshKeysSecretRef is not None:
+            out[va.SSH_KEY_SOURCE] = f"secret/{ci.sshKeysSecretRef.name}/{ci.sshKeysSecretRef.key or 'authorized_keys'}"
+    return out
+
+
+def render(vm: Mapping[str, Any]) -> dict[str, Any]:
+    """The VM pod for a VirtualMachine body; SpecError when the spec cannot make a valid one."""
+    meta = vm["metadata"]
+    spec = parse_spec(vm["spec"])
+    vmi = spec.template.spec
+    tmeta = spec.template.metadata or types.TemplateMeta()
+    annotations = {**(tmeta.annotations or {}), **vm_annotations(spec),
+                   ANN_TEMPLATE_HASH: template_hash(vm["spec"])}
+    try:  # the node runtime's own parser: refuse here what the node would refuse later
+        va.VMAnnotations.from_pod_annotations(annotations)
+    except va.AnnotationError as e:
+        raise SpecError(str(e)) from None
+    try:
+        va.parse_quantity(vmi.domain.memory.guest)
+    except ValueError as e:
+        raise SpecError(f"spec.template.spec.domain.memory.guest: {e}") from None
+    labels = {**(tmeta.labels or {}), LABEL_VM: meta["name"], LABEL_VM_UID: meta["uid"]}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": vmi.terminationGracePeriodSeconds,
+        "nodeSelector": {**(vmi.nodeSelector or {}), **NODE_SELECTOR},
+        "containers": [{
+            "name": CONTAINER,
+            "image": vmi.domain.rootDisk.image,
+            "imagePullPolicy": vmi.domain.rootDisk.imagePullPolicy,
+            "resources": {
+                "requests": {"memory": vmi.domain.memory.guest},
+                "limits": {"memory": vmi.domain.memory.guest},
+            },
+        }],
+    }
+    if vmi.affinity:
+        pod_spec["affinity"] = vmi.affinity
+    if vmi.tolerations:
+        pod_spec["tolerations"] = vmi.tolerations
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(vm)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def owner_reference(vm: Mapping[str, Any]) -> dict[str, Any]:
+    meta = vm["metadata"]
+    return {"apiVersion": types.API_VERSION, "kind": types.KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def is_owned_by(pod: Mapping[str, Any], vm: Mapping[str, Any]) -> bool:
+    uid = vm["metadata"].get("uid")
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("kind") == types.KIND and r.get("controller") for r in refs)

@@ -1,0 +1,165 @@
+"""One reconcile pass for one VM: read, decide, act, record. Synchronous; no kopf in here.
+
+Level-triggered: every pass reads the VM and its pod fresh from the API server
+(not from the watch event that woke it), so a pass woken by a stale event or
+run by a second controller at the same time still acts on the current state.
+Every write is idempotent or guarded: the pod name is deterministic (a second
+create gets 409), deletes carry the pod uid as a precondition, VM patches carry
+the resourceVersion. Order of writes matters for crash safety: status first
+(it records what was done), then the request queue (which says what is left).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from vmapi import podspec, requests, status as vmstatus, strategy, types
+from vmapi.client import Conflict, Kube
+
+log = logging.getLogger(__name__)
+
+# printableStatus values announced as Warning events.
+WARNING_STATES = ("CrashLoopBackOff", "ErrorUnschedulable", "ErrImagePull", "ImagePullBackOff",
+                  "ErrorInvalidSpec", "Unknown")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    resync_seconds: float = 60.0
+    backoff_base: float = strategy.BACKOFF_BASE
+    backoff_cap: float = strategy.BACKOFF_CAP
+
+
+@dataclasses.dataclass
+class Result:
+    vm: dict[str, Any] | None  # None: the VM is gone
+    events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, message)
+    requeue_after: float | None = None
+    error: str | None = None  # an API call failed: retry with back-off
+    wrote: int = 0  # API writes made (for the benchmark and tests)
+
+
+def _pod_view(vm: dict[str, Any], pod: dict[str, Any] | None) -> strategy.PodView | None:
+    if pod is None:
+        return None
+    meta = pod.get("metadata") or {}
+    return strategy.PodView(uid=meta.get("uid") or "", phase=(pod.get("status") or {}).get("phase") or "Pending",
+                            terminating=bool(meta.get("deletionTimestamp")), owned=podspec.is_owned_by(pod, vm))
+
+
+def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: float) -> Result:
+    vm = kube.get_vm(namespace, name)
+    if vm is None:
+        return Result(vm=None)
+    meta = vm.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return Result(vm=vm)  # the deletion handler owns this VM now
+    spec = vm.get("spec") or {}
+    prev = vm.get("status") or {}
+
+    manifest, spec_error = None, None
+    try:
+        manifest = podspec.render(vm)
+    except podspec.SpecError as e:
+        spec_error = str(e)
+    rs = spec.get("runStrategy") if spec.get("runStrategy") in types.RUN_STRATEGIES else None
+    reqs, requests_error = requests.parse(meta.get("annotations"))
+    pod = kube.get_pod(namespace, podspec.pod_name(name))
+
+    decision = strategy.decide(strategy.Inputs(
+        run_strategy=rs or "Invalid", pod=_pod_view(vm, pod), requests=reqs,
+        last_run_strategy=prev.get("runStrategy"), last_pod_uid=prev.get("podUID"),
+        last_pod_phase=prev.get("podPhase"), start_failure=vmstatus.start_failure_of(prev),
+        now=now, backoff_base=opts.backoff_base, backoff_cap=opts.backoff_cap,
+    ))
+    result = Result(vm=vm)
+    acted, created, action_error = True, False, None
+    try:
+        if decision.action == "create" and manifest is not None:
+            try:
+                pod = kube.create_pod(manifest)
+                created = True
+                result.wrote += 1
+                result.events.append(("Normal", "SuccessfulCreate", f"created VM pod {manifest['metadata']['name']}"))
+            except Conflict:  # another controller (or a pass of ours) was first: look again next pass
+                acted, pod = False, kube.get_pod(namespace, podspec.pod_name(name))
+                result.requeue_after = 1.0
+        elif decision.action == "create":
+            acted = False
+        elif decision.action == "delete":
+            assert pod is not None
+            kube.delete_pod(namespace, pod["metadata"]["name"], pod["metadata"].get("uid"))
+            result.wrote += 1
+            result.events.append(("Normal", "SuccessfulDelete",
+                                  f"deleted VM pod {pod['metadata']['name']}: {decision.reason}"))
+    except (ApiException, Conflict) as e:
+        acted = False
+        action_error = f"{decision.action} pod: {_short(e)}"
+        result.error = action_error
+        reason = "FailedCreate" if decision.action == "create" else "FailedDelete"
+        result.events.append(("Warning", reason, action_error))
+
+    current_hash = podspec.template_hash(spec)
+    new = vmstatus.derive(vm, pod, decision, now=now, current_hash=current_hash, spec_error=spec_error,
+                          action_error=action_error, requests_error=requests_error, acted=acted, created=created)
+    patch = vmstatus.changed(prev, new)
+    latest = vm
+    if patch:
+        latest = kube.patch_vm_status(namespace, name, patch) or vm
+        result.wrote += 1
+    result.events.extend(_transition_events(prev, new))
+
+    if acted and (decision.requests != reqs or requests_error):
+        lmeta = latest.get("metadata") or {}
+        if (lmeta.get("annotations") or {}).get(requests.ANNOTATION) != (meta.get("annotations") or {}).get(
+                requests.ANNOTATION):
+            result.requeue_after = 0.0  # vmctl queued something meanwhile: decide again
+            return result
+        meta_patch: dict[str, Any] = {"annotations": {requests.ANNOTATION: requests.dump(decision.requests)}}
+        if lmeta.get("resourceVersion"):  # a vmctl write from now on makes this a 409, not a lost request
+            meta_patch["resourceVersion"] = lmeta["resourceVersion"]
+        try:
+            kube.patch_vm(namespace, name, {"metadata": meta_patch})
+            result.wrote += 1
+        except Conflict:
+            result.requeue_after = 0.5
+    if decision.wait_until is not None:
+        result.requeue_after = max(0.05, decision.wait_until - now)
+    return result
+
+
+def _transition_events(prev: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    events = []
+    old_ps, new_ps = prev.get("printableStatus"), new.get("printableStatus")
+    if old_ps != new_ps:
+        where = f" on node {new['nodeName']}" if new.get("nodeName") else ""
+        kind = "Warning" if new_ps in WARNING_STATES else "Normal"
+        events.append((kind, new_ps or "Unknown", f"VM is {new_ps}{where} (was {old_ps or 'new'})"))
+    old_c = {c["type"]: c for c in prev.get("conditions") or [] if isinstance(c, dict) and "type" in c}
+    for c in new["conditions"]:
+        if c["type"] in ("RestartRequired", "Failure") and old_c.get(c["type"], {}).get("message") != c["message"]:
+            events.append(("Warning", c["reason"], c["message"]))
+    return events
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, ApiException):
+        return f"{e.status} {e.reason}"
+    return str(e)
+
+
+def finalize(kube: Kube, vm: dict[str, Any]) -> bool:
+    """The VM is being deleted: delete its pod. True once the pod is gone (the finalizer may go)."""
+    meta = vm["metadata"]
+    pod = kube.get_pod(meta["namespace"], podspec.pod_name(meta["name"]))
+    if pod is not None and podspec.is_owned_by(pod, vm):
+        if not (pod.get("metadata") or {}).get("deletionTimestamp"):
+            kube.delete_pod(meta["namespace"], pod["metadata"]["name"], pod["metadata"].get("uid"))
+        if (vm.get("status") or {}).get("printableStatus") != "Terminating":
+            kube.patch_vm_status(meta["namespace"], meta["name"], {"printableStatus": "Terminating", "ready": False})
+        return kube.get_pod(meta["namespace"], podspec.pod_name(meta["name"])) is None
+    return True

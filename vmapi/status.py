@@ -1,0 +1,168 @@
+"""(VM, pod, decision) → VM status (pure): printableStatus, ready, conditions, pod facts.
+
+printableStatus follows KubeVirt's values: Stopped, Starting, Running, Stopping,
+Terminating, CrashLoopBackOff, ErrorUnschedulable, ErrImagePull, ImagePullBackOff,
+Unknown — plus ErrorInvalidSpec, for a spec the schema accepted but that cannot
+become a valid VM pod (KubeVirt rejects those in its admission webhook).
+
+RestartRequired: the pod carries the hash of the template it was made from
+(`vmlet.dev/template-hash`); when the VM's template hashes differently, the
+running VM is not what the spec says until it is restarted (KubeVirt compares
+the VM template with the VMI's revision in the same spirit).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Mapping
+
+from vmapi import podspec
+from vmapi.strategy import FINAL, Decision, StartFailure
+
+WAITING_ERRORS = ("ErrImagePull", "ImagePullBackOff")
+
+
+def iso(ts: float, micro: bool = False) -> str:
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ"
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(fmt)
+
+
+def parse_iso(text: str | None) -> float | None:
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return datetime.datetime.strptime(text or "", fmt).replace(tzinfo=datetime.timezone.utc).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    st = pod.get("status") or {}
+    if st.get("phase") != "Running" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    conds = {c.get("type"): c.get("status") for c in st.get("conditions") or []}
+    if "Ready" in conds:
+        return conds["Ready"] == "True"
+    cs = st.get("containerStatuses") or []
+    return bool(cs) and all(c.get("ready") for c in cs)
+
+
+def printable(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decision,
+              create_blocked: bool) -> str:
+    if (vm.get("metadata") or {}).get("deletionTimestamp"):
+        return "Terminating"
+    if pod is None:
+        if create_blocked:
+            return "ErrorInvalidSpec"
+        if decision.wait_until is not None:
+            return "CrashLoopBackOff"
+        return "Starting" if decision.action == "create" else "Stopped"
+    st = pod.get("status") or {}
+    phase = st.get("phase") or "Pending"
+    if (pod.get("metadata") or {}).get("deletionTimestamp") or decision.action == "delete":
+        return "Stopping"
+    if phase == "Pending":
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return "ErrorUnschedulable"
+        for cs in st.get("containerStatuses") or []:
+            reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+            if reason in WAITING_ERRORS:
+                return reason
+        return "Starting"
+    if phase == "Running":
+        return "Running" if pod_ready(pod) else "Starting"
+    if phase in FINAL:
+        return "Stopped"
+    return "Unknown"
+
+
+def _condition(prev: Mapping[str, Mapping[str, Any]], now: str, type_: str, status: str,
+               reason: str, message: str = "") -> dict[str, Any]:
+    old = prev.get(type_) or {}
+    same = old.get("status") == status
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": old.get("lastTransitionTime") if same and old.get("lastTransitionTime") else now}
+
+
+def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decision, *,
+           now: float, current_hash: str | None, spec_error: str | None = None,
+           action_error: str | None = None, requests_error: str | None = None,
+           acted: bool = True, created: bool = False) -> dict[str, Any]:
+    """The complete status to write. `acted`: the decision's action succeeded (or was none)."""
+    prev = dict(vm.get("status") or {})
+    meta = vm.get("metadata") or {}
+    nows = iso(now)
+    create_blocked = decision.action == "create" and spec_error is not None
+    out: dict[str, Any] = {
+        "printableStatus": printable(vm, pod, decision, create_blocked),
+        "created": pod is not None,
+        "runStrategy": (vm.get("spec") or {}).get("runStrategy") if acted and not create_blocked
+        else prev.get("runStrategy"),
+        "observedGeneration": meta.get("generation", prev.get("observedGeneration")),
+        "restartCount": prev.get("restartCount"),
+    }
+    if created:
+        out["restartCount"] = 0 if prev.get("restartCount") is None else prev["restartCount"] + 1
+    ready = pod is not None and pod_ready(pod)
+    out["ready"] = ready
+
+    # The last pod's record outlives it while a restart is pending: strategy.decide
+    # needs it to tell "vanished or failed, replace it" from "stopped on request".
+    if pod is not None:
+        pmeta, pst = pod.get("metadata") or {}, pod.get("status") or {}
+        out.update(podName=pmeta.get("name"), podUID=pmeta.get("uid"), podPhase=pst.get("phase") or "Pending",
+                   podIP=pst.get("podIP"), nodeName=(pod.get("spec") or {}).get("nodeName"),
+                   templateHash=(pmeta.get("annotations") or {}).get(podspec.ANN_TEMPLATE_HASH))
+    elif decision.action == "create" or decision.wait_until is not None or not acted:
+        out.update({k: prev.get(k) for k in ("podName", "podUID", "podPhase")})
+        out.update(podIP=None, nodeName=None, templateHash=None)
+    else:
+        out.update(podName=None, podUID=None, podPhase=None, podIP=None, nodeName=None, templateHash=None)
+
+    sf = decision.start_failure if acted else _start_failure(prev)
+    out["startFailure"] = None if sf.count == 0 else {
+        "consecutiveFailCount": sf.count, "lastFailedPodUID": sf.last_failed_uid,
+        "retryAfterTimestamp": iso(sf.retry_after, micro=True) if sf.retry_after else None}
+
+    prev_conds = {c.get("type"): c for c in prev.get("conditions") or [] if isinstance(c, dict)}
+    conds = []
+    if pod is None:
+        conds.append(_condition(prev_conds, nows, "Ready", "False", "PodNotFound", "the VM has no pod"))
+    elif ready:
+        conds.append(_condition(prev_conds, nows, "Ready", "True", "PodReady"))
+    else:
+        conds.append(_condition(prev_conds, nows, "Ready", "False", "PodNotReady",
+                                f"pod phase {(pod.get('status') or {}).get('phase') or 'Pending'}"))
+    # vmlet VMs cannot be paused: the CRI has no pause. Reported so clients need not guess.
+    conds.append(_condition(prev_conds, nows, "Paused", "False", "NotPaused"))
+    pod_hash = out.get("templateHash")
+    live = pod is not None and (pod.get("status") or {}).get("phase") not in FINAL
+    if live and pod_hash and current_hash and pod_hash != current_hash:
+        conds.append(_condition(prev_conds, nows, "RestartRequired", "True", "TemplateChanged",
+                                "the VM template changed; restart the VM to apply it"))
+    failure = spec_error or action_error or requests_error or (
+        "a pod of that name exists and is not owned by this VM" if decision.conflict else None)
+    if failure:
+        reason = ("InvalidSpec" if spec_error else "ActionFailed" if action_error
+                  else "InvalidRequests" if requests_error else "PodConflict")
+        conds.append(_condition(prev_conds, nows, "Failure", "True", reason, failure[:1024]))
+    out["conditions"] = conds
+    return out
+
+
+def _start_failure(prev: Mapping[str, Any]) -> StartFailure:
+    sf = prev.get("startFailure") or {}
+    return StartFailure(int(sf.get("consecutiveFailCount") or 0), parse_iso(sf.get("retryAfterTimestamp")),
+                        sf.get("lastFailedPodUID"))
+
+
+def start_failure_of(status: Mapping[str, Any] | None) -> StartFailure:
+    return _start_failure(status or {})
+
+
+def changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch turning `old` into `new` (top-level keys; None removes)."""
+    old = old or {}
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    return {k: v for k, v in patch.items() if not (v is None and k not in old)}
