@@ -58,10 +58,12 @@ def test_vm_pods_get_their_pod_ips_and_reach_each_other(client, pulled, vmlet_di
     conditions = {c.type: c for c in client.runtime.Status(api_pb2.StatusRequest()).status.conditions}
     assert conditions["NetworkReady"].status is True, conditions["NetworkReady"]
 
-    sid1, ip1, log1 = run_vm(client, vmlet_dir, "net-a")
-    sid2, ip2, log2 = run_vm(client, vmlet_dir, "net-b",
-                             script=f"ping -c 3 -W 5 {ip1} >/dev/null && echo PING-PEER-OK || echo PING-PEER-FAILED\n")
     prefix = test_network.subnet.prefixlen
+    sid1, ip1, log1 = run_vm(client, vmlet_dir, "net-a")
+    wait_for_log(log1, rf"stdout F VMLET-TESTVM: ip eth0 {ip1}/{prefix}$", 120)  # up before its peer pings it
+    sid2, ip2, log2 = run_vm(client, vmlet_dir, "net-b", script=(
+        f"for i in $(seq 1 30); do ping -c 1 -W 2 {ip1} >/dev/null && echo PING-PEER-OK && exit 0; done\n"
+        "echo PING-PEER-FAILED\n"))
     for ip, log in ((ip1, log1), (ip2, log2)):
         assert ipaddress.ip_address(ip) in test_network.subnet
         wait_for_log(log, rf"stdout F VMLET-TESTVM: ip eth0 {ip}/{prefix}$", 120)
