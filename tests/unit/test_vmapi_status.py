@@ -93,3 +93,10 @@ def test_requests_annotation():
     for bad in ("{", '{"action": "Start"}', '[{"action": "Reboot"}]', '[{"action": "Stop", "uid": 5}]'):
         got, err = requests.parse({requests.ANNOTATION: bad})
         assert got == () and err and requests.ANNOTATION in err
+
+
+def test_malformed_state_change_requests_become_a_failure_condition():
+    st = derive(pod(), requests_error="vmlet.dev/state-change-requests: not JSON")
+    assert conds(st)["Failure"]["reason"] == "InvalidRequests"
+    assert "not JSON" in conds(st)["Failure"]["message"]
+    assert "Failure" not in conds(derive(pod())) or conds(derive(pod()))["Failure"]["status"] == "False"

@@ -38,7 +38,7 @@ async def test_a_spec_the_schema_cannot_judge_becomes_a_condition_not_a_crash(cl
 
     # A malformed request annotation is dropped, never fatal. (The InvalidRequests condition it raises lasts
     # only until the next pass, which can follow within milliseconds: polling for it raced, so the durable
-    # effects are checked here and the condition itself is not: a gap to close.)
+    # effects are checked here; tests/unit/test_vmapi_status.py covers the condition.)
     await cluster.patch_vm("good", {"metadata": {"annotations": {"vmlet.dev/state-change-requests": "{nope"}}})
     await wait_for(lambda: _annotation_gone(cluster, "good"), 3, "the bad annotation to be dropped")
     await cluster.wait_status("good", "Running")
