@@ -14,6 +14,7 @@ import time
 
 from proto.runtime.v1 import api_pb2
 
+from . import stats
 from .crashpoints import crashpoint
 from .runtime import Runtime
 from .state import ContainerRecord
@@ -56,6 +57,7 @@ def remove_vm(rt: Runtime, c: ContainerRecord) -> None:
     crashpoint("remove.after-undefine")
     remove_vm_files(vm_files(rt.config.vms_dir, c.id))
     rt.images.release_holder(c.id)
+    stats.forget(c.id)
     rt.store.delete_container(c.id)
     rt.events.container_event(rt, c.id, api_pb2.CONTAINER_DELETED_EVENT, sandbox_id=c.sandbox_id)
 

@@ -137,37 +137,28 @@ class LibvirtHost:
         st = self.state(name)
         return st is not None and st[0] not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
 
-    def shutdown(self, name: str) -> None:
-        """Press the ACPI power button (the guest decides)."""
+    def _apply(self, name: str, operation: Callable[[libvirt.virDomain], object], tolerate_inactive: bool) -> None:
+        """Run `operation` on the domain; a domain already gone (or not running, if tolerated) is no error."""
         dom = self.lookup(name)
         if dom is None:
             return
         try:
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            operation(dom)
         except libvirt.libvirtError as e:
-            if not (_is_missing(e) or e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID):
+            inactive = e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+            if not (_is_missing(e) or (tolerate_inactive and inactive)):
                 raise
 
+    def shutdown(self, name: str) -> None:
+        """Press the ACPI power button (the guest decides)."""
+        self._apply(name, lambda d: d.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN), True)
+
     def destroy(self, name: str) -> None:
-        dom = self.lookup(name)
-        if dom is None:
-            return
-        try:
-            dom.destroy()
-        except libvirt.libvirtError as e:
-            if not (_is_missing(e) or e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID):
-                raise
+        self._apply(name, lambda d: d.destroy(), True)
 
     def undefine(self, name: str) -> None:
         self.destroy(name)
-        dom = self.lookup(name)
-        if dom is None:
-            return
-        try:
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError as e:
-            if not _is_missing(e):
-                raise
+        self._apply(name, lambda d: d.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM), False)
 
     def vmlet_domains(self, instance: str) -> dict[str, dict[str, str]]:
         """Every domain this vmlet instance created (per its metadata): name -> metadata."""

@@ -61,6 +61,12 @@ def sample(rt: Runtime, c: ContainerRecord) -> Sample | None:
                   available_bytes=int(available) * 1024 if available is not None else None, disk=disk)
 
 
+def forget(container_id: str) -> None:
+    """Drop a removed container's last CPU sample."""
+    with _last_cpu_lock:
+        _last_cpu.pop(container_id, None)
+
+
 def _usage_nano_cores(container_id: str, s: Sample) -> int | None:
     with _last_cpu_lock:
         prev = _last_cpu.get(container_id)

@@ -45,6 +45,15 @@ def _cls(desc):
     return message_factory.GetMessageClass(desc)
 
 
+async def _collect_stream(backend: Backend, path: str, req: bytes, timeout) -> list[bytes]:
+    """All messages of one backend's server stream (merged streams are answered once every backend is done)."""
+    call = backend.stream(path, req, timeout)
+    try:
+        return [item async for item in backend.iterate(call)]
+    finally:
+        call.cancel()
+
+
 class Proxy:
     def __init__(self, backends: Backends):
         self.backends = backends
@@ -263,12 +272,8 @@ class Proxy:
         return out
 
     def _list(self, path, req_cls, resp_cls, has_filter, streaming):
-        async def collect(backend: Backend, req: bytes, timeout) -> list[bytes]:
-            call = backend.stream(path, req, timeout)
-            try:
-                return [item async for item in backend.iterate(call)]
-            finally:
-                call.cancel()
+        def collect(backend: Backend, req: bytes, timeout):
+            return _collect_stream(backend, path, req, timeout)
 
         if streaming:
             async def handle_stream(raw: bytes, context):
@@ -303,12 +308,8 @@ class Proxy:
                 out.append((backend, self.to_backend(backend, req_cls, raw, req)))
             return out
 
-        async def collect(backend: Backend, req: bytes, timeout) -> list[bytes]:
-            call = backend.stream(path, req, timeout)
-            try:
-                return [item async for item in backend.iterate(call)]
-            finally:
-                call.cancel()
+        def collect(backend: Backend, req: bytes, timeout):
+            return _collect_stream(backend, path, req, timeout)
 
         if streaming:
             async def handle_stream(raw: bytes, context):
