@@ -33,7 +33,7 @@ user-data
       1. generated: `ssh_authorized_keys` (the same keys as meta-data; extra
          to virtlet, so keys also reach images whose datasource ignores
          meta-data keys; cloud-init de-duplicates), `mounts` and the mount
-         script `/etc/cloud/mount-volumes.sh` for 9p shares, and
+         script `/etc/cloud/mount-volumes.sh` for virtio-fs shares, and
          `/etc/cloud/environment` with the container's env (`write_files`);
       2. user data the caller resolved from `VirtletCloudInitUserDataSource`;
       3. `VirtletCloudInitUserData`.
@@ -57,14 +57,16 @@ environment file
     be sourced by `sh`. Names must be shell identifiers and values must not
     contain NUL: otherwise `CloudInitError`.
 mounts
-    `Mount` is a host directory shared into the VM over virtio-9p (virtlet's
-    "fs-based" volumes): `mounts:` gets `[tag, path, 9p,
-    trans=virtio,version=9p2000.L[,ro],nofail, 0, 0]` and the mount script a
-    line `if ! mountpoint -q PATH; then mkdir -p PATH && mount -t 9p -o OPTS
-    TAG PATH; fi` (OPTS without `nofail`, which only fstab knows). The tag is `Mount.tag`, which the domain's `<filesystem>`
-    must use. Left for the volumes work: file mounts, Secrets and ConfigMaps
-    as `write_files`, block devices (flexvolume/PV) with their by-path
-    mounts and symlink script, `VirtletChown9pfsMounts`.
+    `Mount` is a host directory shared into the VM over virtio-fs (virtlet's
+    "fs-based" volumes, which virtlet shared over virtio-9p; see
+    cri_shim/pod_volumes.py): `mounts:` gets `[tag, path, virtiofs,
+    defaults|ro,nofail, 0, 0]` and the mount script a line `if ! mountpoint
+    -q PATH; then mkdir -p PATH && mount -t virtiofs -o OPTS TAG PATH; fi`
+    (OPTS without `nofail`, which only fstab knows). The tag is `Mount.tag`,
+    which the domain's `<filesystem>` must use. Not done: file mounts,
+    block devices (flexvolume/PV) with their by-path mounts and symlink
+    script, `VirtletChown9pfsMounts` (9p only: virtio-fs passes the host's
+    ownership through).
 network-config
     passed through as given (NoCloud: network-config v1/v2; ConfigDrive:
     network_data.json), None: no file.
@@ -213,7 +215,7 @@ class CloudInitError(ValueError):
 
 @dataclass(frozen=True)
 class Mount:
-    """A host directory shared into the VM over virtio-9p, mounted at `container_path`."""
+    """A host directory shared into the VM over virtio-fs, mounted at `container_path`."""
 
     host_path: str
     container_path: str
@@ -234,15 +236,15 @@ class Mount:
 
     @property
     def tag(self) -> str:
-        """The virtio-9p mount tag (the domain's <filesystem><target dir=...>): unique per
-        container path, at most 31 characters. virtlet used the path's base name, which
+        """The virtio-fs mount tag (the domain's <filesystem><target dir=...>): unique per
+        container path, at most 36 bytes. virtlet used the path's base name, which
         collides for /a/data and /b/data."""
         return "vmlet" + hashlib.sha256(self.container_path.encode()).hexdigest()[:16]
 
     @property
     def options(self) -> str:
-        """9p mount options (the `mounts:` entry adds `nofail` for fstab)."""
-        return "trans=virtio,version=9p2000.L" + (",ro" if self.read_only else "")
+        """Mount options (the `mounts:` entry adds `nofail` for fstab)."""
+        return "ro" if self.read_only else "defaults"
 
 
 @dataclass(frozen=True)
@@ -290,14 +292,14 @@ def env_file_content(env: Mapping[str, str]) -> str:
 
 
 def mount_script(mounts: Sequence[Mount]) -> str:
-    """A /bin/sh script mounting the 9p shares (idempotent); empty without mounts."""
+    """A /bin/sh script mounting the virtio-fs shares (idempotent); empty without mounts."""
     if not mounts:
         return ""
     lines = ["#!/bin/sh"]
     for m in mounts:
         path = shlex.quote(m.container_path)
         lines.append(f"if ! mountpoint -q {path}; then mkdir -p {path} && "
-                     f"mount -t 9p -o {shlex.quote(m.options)} {shlex.quote(m.tag)} {path}; fi")
+                     f"mount -t virtiofs -o {shlex.quote(m.options)} {shlex.quote(m.tag)} {path}; fi")
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +405,7 @@ def compose(
         generated["ssh_authorized_keys"] = list(keys)
     write_files: list[dict[str, Any]] = []
     if mounts:
-        generated["mounts"] = [[m.tag, m.container_path, "9p", m.options + ",nofail", "0", "0"]
+        generated["mounts"] = [[m.tag, m.container_path, "virtiofs", m.options + ",nofail", "0", "0"]
                                for m in mounts]
         write_files.append({"path": MOUNT_SCRIPT_FILE, "content": script, "permissions": "0755"})
     if env:

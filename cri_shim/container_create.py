@@ -16,10 +16,10 @@ import uuid
 from image_service.errors import ImageError
 from proto.runtime.v1 import api_pb2
 
-from . import cloudinit, errors, validation
+from . import cloudinit, errors, pod_volumes, validation
 from .annotations import AnnotationError, VMAnnotations
 from .crashpoints import crashpoint
-from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, build_domain_xml
+from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, build_domain_xml
 from .runtime import Runtime, new_id, now_ns
 from .state import ContainerRecord, NameConflict
 from .volumes import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
@@ -111,6 +111,15 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
                                           f"{rt.config.max_root_volume_gib} GiB")
         create_root_overlay(files, base, image.format, root_size)
         crashpoint("create.after-overlay")
+        try:
+            shares, skipped = pod_volumes.plan(cfg.mounts)
+            pod_volumes.prepare(files.dir, shares)
+        except pod_volumes.VolumeMountError as e:
+            raise errors.invalid_argument(str(e)) from None
+        for k in skipped:
+            log.info("container %s: mount %s (%s) not given to the VM: %s",
+                     container_id[:12], k.container_path, k.host_path, k.reason)
+        write_file_atomic(files.volumes_record, pod_volumes.record(shares, skipped))
 
         smd = sandbox_cfg.metadata
         network = rt.network.get(sandbox_id)
@@ -120,7 +129,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
             data = cloudinit.compose(
                 vm, pod_uid=smd.uid, pod_name=smd.name,
                 hostname=validation.hostname(sandbox_cfg.hostname or smd.name),
-                env={kv.key: kv.value for kv in cfg.envs}, mounts=(), network_config=network.network_config())
+                env={kv.key: kv.value for kv in cfg.envs}, mounts=[sh.guest for sh in shares],
+                network_config=network.network_config())
         except cloudinit.CloudInitError as e:
             raise errors.invalid_argument(f"cloud-init data: {e}") from None
         write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
@@ -133,6 +143,7 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
             domain_type=rt.domain_type, disks=disks, console_log=str(files.console_log),
             # The VM's NIC joins the pod's network through the sandbox's host bridge (docs/networking.md).
             interfaces=[Interface("bridge", source=network.host_bridge, mac=network.vm_mac)],
+            shared_dirs=[SharedDir(pod_volumes.share_source(files.dir, sh), sh.guest.tag) for sh in shares],
             cpu_period_us=cfg.linux.resources.cpu_period if cfg.linux.resources.cpu_quota > 0 else 0,
             cpu_quota_us=max(0, cfg.linux.resources.cpu_quota),
             cpu=cpu_for(vm),
@@ -172,5 +183,8 @@ def _rollback(rt: Runtime, container_id: str, domain: str, files) -> None:
         rt.host.undefine(domain)
     except Exception:  # noqa: BLE001 - recovery removes what is left; report the original error
         log.exception("rollback: cannot undefine %s", domain)
-    remove_vm_files(files)
+    try:
+        remove_vm_files(files)
+    except pod_volumes.VolumeMountError:
+        log.exception("rollback: keeping %s (recovery removes it)", files.dir)
     rt.images.release_holder(container_id)

@@ -8,9 +8,10 @@ import libvirt
 
 from proto.runtime.v1 import api_pb2
 
-from . import errors
+from . import errors, pod_volumes
 from .crashpoints import crashpoint
 from .runtime import Runtime, now_ns
+from .volumes import vm_files
 
 START_ERROR_EXIT = 128  # containerd's exit code for a container that failed to start
 
@@ -26,8 +27,11 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
         if sb is None or sb.state != api_pb2.SANDBOX_READY:
             raise errors.failed_precondition(f"pod sandbox {c.sandbox_id} of container {c.id} is not ready")
         try:
+            # The read-only bind mounts made at create time are gone after a host reboot.
+            files = vm_files(rt.config.vms_dir, c.id)
+            pod_volumes.prepare(files.dir, pod_volumes.load(files.volumes_record)[0])
             rt.host.start(c.domain_name)
-        except (libvirt.libvirtError, LookupError) as e:
+        except (libvirt.libvirtError, LookupError, pod_volumes.VolumeMountError) as e:
             with rt.store_lock():
                 rt.store.update_container(dataclasses.replace(
                     rt.container(c.id), state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(),

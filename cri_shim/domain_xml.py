@@ -51,6 +51,19 @@ class Interface:
 
 
 @dataclass(frozen=True)
+class SharedDir:
+    """A host directory shared with the guest over virtio-fs; the guest mounts it by `tag`.
+
+    libvirt starts one virtiofsd per share. virtiofsd cannot refuse writes
+    itself, so a read-only share's `source` must already be read-only on the
+    host (vmlet shares a read-only bind mount; see cri_shim/mounts.py).
+    """
+
+    source: str
+    tag: str
+
+
+@dataclass(frozen=True)
 class CPUFeature:
     name: str
     policy: str | None = None  # force | require | optional | disable | forbid
@@ -77,6 +90,7 @@ class DomainSpec:
     uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
     disks: Sequence[Disk] = ()
     interfaces: Sequence[Interface] = ()
+    shared_dirs: Sequence[SharedDir] = ()
     # The serial console is a pty (so `virsh console` works) whose output
     # virtlogd also appends to this file; virtlogd keeps writing across
     # libvirtd and vmlet restarts.
@@ -122,6 +136,13 @@ def _interface(devices: ET.Element, nic: Interface) -> None:
     _sub(el, "model", type=nic.model)
 
 
+def _shared_dir(devices: ET.Element, share: SharedDir) -> None:
+    el = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+    _sub(el, "driver", type="virtiofs", queue="1024")
+    _sub(el, "source", dir=share.source)
+    _sub(el, "target", dir=share.tag)
+
+
 def _cpu(dom: ET.Element, cpu: CPU) -> None:
     attrs = {k: v for k, v in (("mode", cpu.mode), ("match", cpu.match), ("check", cpu.check)) if v}
     el = _sub(dom, "cpu", **attrs)
@@ -148,6 +169,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
         tune = _sub(dom, "cputune")
         _sub(tune, "global_period", str(spec.cpu_period_us))
         _sub(tune, "global_quota", str(spec.cpu_quota_us))
+    if spec.shared_dirs:
+        # vhost-user (virtiofsd) maps the guest's RAM: it must be shareable.
+        backing = _sub(dom, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64")
@@ -173,6 +199,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     for nic in spec.interfaces:
         _interface(devices, nic)
+    for share in spec.shared_dirs:
+        _shared_dir(devices, share)
 
     serial = _sub(devices, "serial", type="pty")
     if spec.console_log:

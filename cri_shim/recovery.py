@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 
 from proto.runtime.v1 import api_pb2
 
 from .network import NetworkError
+from .pod_volumes import VolumeMountError
 from .runtime import Runtime, now_ns
+from .volumes import VMFiles, remove_vm_files
 
 log = logging.getLogger("vmlet.recovery")
 
@@ -60,7 +61,11 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
         for d in rt.config.vms_dir.iterdir():
             if d.name not in containers:
                 log.warning("removing orphan VM directory %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+                try:
+                    remove_vm_files(VMFiles(d))
+                except VolumeMountError as e:
+                    log.error("keeping orphan VM directory %s: %s", d, e)
+                    continue
                 report["orphan_dirs"].append(d.name)
 
     for c in containers.values():

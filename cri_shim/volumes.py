@@ -5,6 +5,8 @@ Layout, one directory per container so a VM is self-describing on disk:
     <state>/vms/<container-id>/root.qcow2      overlay, backed by the image store's file
     <state>/vms/<container-id>/cloud-init.iso  NoCloud or ConfigDrive
     <state>/vms/<container-id>/console.log     the serial console as virtlogd writes it
+    <state>/vms/<container-id>/volumes.json    the pod volumes shared with the VM, and those left out
+    <state>/vms/<container-id>/shares/<tag>    read-only bind mounts of read-only volumes
 
 QEMU runs as an unprivileged user (libvirt's dynamic ownership chowns the
 files it opens), so directories on the way are traversable (0711) but not
@@ -19,6 +21,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import pod_volumes
 
 QEMU_IMG_TIMEOUT = 120
 
@@ -42,6 +46,10 @@ class VMFiles:
     @property
     def console_log(self) -> Path:
         return self.dir / "console.log"
+
+    @property
+    def volumes_record(self) -> Path:
+        return self.dir / "volumes.json"
 
 
 def vm_files(vms_dir: Path, container_id: str) -> VMFiles:
@@ -94,6 +102,13 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def remove_vm_files(files: VMFiles) -> None:
+    """Delete a VM's directory, after detaching the volume bind mounts in it.
+
+    Raises pod_volumes.VolumeMountError (and deletes nothing) if a mount
+    stays: deleting through it would delete the pod's volume.
+    """
+    if files.dir.is_dir():
+        pod_volumes.unmount_under(files.dir)
     shutil.rmtree(files.dir, ignore_errors=True)
 
 

@@ -186,13 +186,13 @@ def test_mounts_entries_and_script():
     t0, t1 = mounts[0].tag, mounts[1].tag
     script = (
         "#!/bin/sh\n"
-        f"if ! mountpoint -q /data; then mkdir -p /data && mount -t 9p -o trans=virtio,version=9p2000.L {t0} /data; fi\n"
+        f"if ! mountpoint -q /data; then mkdir -p /data && mount -t virtiofs -o defaults {t0} /data; fi\n"
         f"if ! mountpoint -q /etc/my_app-cfg; then mkdir -p /etc/my_app-cfg && "
-        f"mount -t 9p -o trans=virtio,version=9p2000.L,ro {t1} /etc/my_app-cfg; fi\n"
+        f"mount -t virtiofs -o ro {t1} /etc/my_app-cfg; fi\n"
     )
     assert cloud_config(data) == {
-        "mounts": [[t0, "/data", "9p", "trans=virtio,version=9p2000.L,nofail", "0", "0"],
-                   [t1, "/etc/my_app-cfg", "9p", "trans=virtio,version=9p2000.L,ro,nofail", "0", "0"]],
+        "mounts": [[t0, "/data", "virtiofs", "defaults,nofail", "0", "0"],
+                   [t1, "/etc/my_app-cfg", "virtiofs", "ro,nofail", "0", "0"]],
         "write_files": [{"path": "/etc/cloud/mount-volumes.sh", "permissions": "0755", "content": script}],
     }
 

@@ -2,7 +2,8 @@
 
 import xml.etree.ElementTree as ET
 
-from cri_shim.domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, build_domain_xml, read_metadata
+from cri_shim.domain_xml import (CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, build_domain_xml,
+                                 read_metadata)
 
 
 def spec(**overrides) -> DomainSpec:
@@ -40,6 +41,18 @@ def test_cpu_limit_becomes_a_global_quota():
     tune = ET.fromstring(build_domain_xml(spec(cpu_period_us=100000, cpu_quota_us=150000))).find("cputune")
     assert (tune.findtext("global_period"), tune.findtext("global_quota")) == ("100000", "150000")
     assert ET.fromstring(build_domain_xml(spec())).find("cputune") is None
+
+
+def test_shared_dirs_are_virtiofs_with_shared_memory():
+    root = ET.fromstring(build_domain_xml(spec(shared_dirs=[SharedDir("/host/a b", "vmlettag1")])))
+    fs = root.find("devices/filesystem")
+    assert fs.attrib == {"type": "mount", "accessmode": "passthrough"}
+    assert fs.find("driver").get("type") == "virtiofs"
+    assert (fs.find("source").get("dir"), fs.find("target").get("dir")) == ("/host/a b", "vmlettag1")
+    assert root.find("memoryBacking/source").get("type") == "memfd"
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    plain = ET.fromstring(build_domain_xml(spec()))
+    assert plain.find("memoryBacking") is None and plain.find("devices/filesystem") is None
 
 
 def test_no_scsi_controller_without_scsi_disks():
