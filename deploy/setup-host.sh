@@ -28,6 +28,9 @@ PKGS_NETWORK=(containernetworking-plugins util-linux busybox-static)
 PKGS_PYTHON_BUILD=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev)
 PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio gzip)
 PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
+# Tests: a container registry (distribution v2) that the CRI proxy's pull test runs on loopback with a
+# config of its own (`docker-registry serve <config>`); the package's own service is kept off (below).
+PKGS_TEST_REGISTRY=(docker-registry)
 
 [ "$(id -u)" = 0 ] || die "run as root"
 [ -r /etc/debian_version ] || die "this script targets Debian 12 (no /etc/debian_version)"
@@ -35,7 +38,8 @@ PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
 pid1_is_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 
 install_packages() {
-    local want=("${PKGS_LIBVIRT[@]}" "${PKGS_NETWORK[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}")
+    local want=("${PKGS_LIBVIRT[@]}" "${PKGS_NETWORK[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}"
+                "${PKGS_TEST_REGISTRY[@]}")
     local missing=()
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -51,8 +55,38 @@ install_packages() {
         apt-get update -qq >/dev/null || die "apt-get update failed"
     fi
     # --no-install-recommends keeps libvirt-daemon-system (needs systemd) out.
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
-        || die "apt-get install failed for: ${missing[*]}"
+    # docker-registry's postinst would start its service (on :5000, all interfaces, /etc/docker/registry):
+    # unless the machine already has a policy-rc.d, a temporary one refuses that service only.
+    local policy=/usr/sbin/policy-rc.d own_policy="" rc=0
+    if [ ! -e "$policy" ]; then
+        own_policy=1
+        cat > "$policy" <<'EOF'
+#!/bin/sh
+# Temporary, written by vmlet's deploy/setup-host.sh for one apt-get install: keep docker-registry's service off.
+for arg; do
+    case "$arg" in
+        -*) ;;
+        docker-registry|docker-registry.service) exit 101 ;;
+        *) exit 0 ;;
+    esac
+done
+exit 0
+EOF
+        chmod 0755 "$policy"
+    fi
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ -z "$own_policy" ] || rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install failed for: ${missing[*]}"
+}
+
+registry_service_off() {
+    # The tests run docker-registry themselves; the packaged service must not run (nor start at boot).
+    if pid1_is_systemd; then
+        systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+    elif daemon_running /var/run/docker-registry.pid; then
+        log "stopping the packaged docker-registry service"
+        /etc/init.d/docker-registry stop >/dev/null 2>&1 || true
+    fi
 }
 
 ensure_accounts() {
@@ -131,6 +165,7 @@ setup_venv() {
 }
 
 install_packages
+registry_service_off
 ensure_accounts
 start_libvirt
 report_kvm

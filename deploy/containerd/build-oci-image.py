@@ -3,9 +3,11 @@
 
     build-oci-image.py --name localhost/vmlet/pause:1 --out pause.tar -- /bin/sh -c '...'
 
-The single layer holds /bin/busybox and a symlink per applet (sh, sleep, cat, ...),
-plus /etc/passwd, /etc/group, /tmp. The archive is reproducible: the same busybox,
-name and command give the same bytes (mtimes are 0), so the image digest is stable.
+The first layer holds /bin/busybox and a symlink per applet (sh, sleep, cat, ...),
+plus /etc/passwd, /etc/group, /tmp; `--file PATH=TEXT` (repeatable) adds a second layer with
+those files (tests use it for images of their own whose every layer must come from a registry).
+The archive is reproducible: the same busybox, name, command and files give the same bytes
+(mtimes are 0), so the image digest is stable.
 Import it with `ctr -n k8s.io images import <tar>`; the image is named by the
 `io.containerd.image.name` annotation in index.json.
 """
@@ -61,24 +63,41 @@ def layer_tar(busybox: Path) -> bytes:
     return buf.getvalue()
 
 
+def files_layer_tar(files: dict[str, str]) -> bytes:
+    """A layer with the given files (path in the image -> text), parent directories included."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs: set[str] = set()
+        for path in sorted(files):
+            parts = path.strip("/").split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    tar.addfile(_tarinfo(d, type=tarfile.DIRTYPE, mode=0o755))
+            _add_bytes(tar, "/".join(parts), files[path].encode())
+    return buf.getvalue()
+
+
 def _blob(tar: tarfile.TarFile, data: bytes) -> tuple[str, int]:
     digest = hashlib.sha256(data).hexdigest()
     _add_bytes(tar, f"blobs/sha256/{digest}", data)
     return f"sha256:{digest}", len(data)
 
 
-def build(name: str, cmd: list[str], out: Path, busybox: Path) -> str:
+def build(name: str, cmd: list[str], out: Path, busybox: Path, files: dict[str, str] | None = None) -> str:
     """Write the archive; returns the manifest digest."""
-    layer = layer_tar(busybox)
+    layers = [layer_tar(busybox)] + ([files_layer_tar(files)] if files else [])
     config = {
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(layer).hexdigest()}"]},
-        "history": [{"created_by": f"vmlet build-oci-image.py (busybox) {' '.join(cmd)}"}],
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(layer).hexdigest()}" for layer in layers]},
+        "history": [{"created_by": f"vmlet build-oci-image.py (busybox) {' '.join(cmd)}"}]
+                   + ([{"created_by": f"vmlet build-oci-image.py --file {' '.join(sorted(files))}"}] if files else []),
     }
     tmp = out.with_name(out.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        layer_digest, layer_size = _blob(tar, layer)
+        layer_blobs = [_blob(tar, layer) for layer in layers]
         config_bytes = json.dumps(config, sort_keys=True).encode()
         config_digest, config_size = _blob(tar, config_bytes)
         manifest = {
@@ -86,7 +105,7 @@ def build(name: str, cmd: list[str], out: Path, busybox: Path) -> str:
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                        "digest": config_digest, "size": config_size},
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": layer_digest, "size": layer_size}],
+                        "digest": layer_digest, "size": layer_size} for layer_digest, layer_size in layer_blobs],
         }
         manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
         manifest_digest, manifest_size = _blob(tar, manifest_bytes)
@@ -111,9 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="image name, e.g. localhost/vmlet/pause:1")
     p.add_argument("--out", required=True, type=Path, help="archive to write")
     p.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="a statically linked busybox")
+    p.add_argument("--file", action="append", default=[], metavar="PATH=TEXT",
+                   help="add a file with this text in a second layer (repeatable)")
     p.add_argument("cmd", nargs="+", help="the image's Cmd")
     args = p.parse_args(argv)
-    print(build(args.name, args.cmd, args.out, args.busybox))
+    files = {}
+    for spec in args.file:
+        path, sep, text = spec.partition("=")
+        if not sep or not path.strip("/"):
+            p.error(f"--file wants PATH=TEXT, got {spec!r}")
+        files[path] = text
+    print(build(args.name, args.cmd, args.out, args.busybox, files))
     return 0
 
 

@@ -1,13 +1,17 @@
-"""Fixtures for the CRI proxy: the project's containerd, a vmlet daemon, the proxy in-process or as a process.
+"""Fixtures for the CRI proxy: the project's containerd, a vmlet daemon, the proxy in-process or as a process,
+and a container registry on loopback.
 
 containerd is the long-running daemon deploy/containerd/setup-containerd.sh starts (like
 libvirtd); if it is not answering, the fixture runs that (idempotent) script once. Tests only
-use it: every pod they create carries the label CONTAINERD_LABEL and is removed at teardown.
+use it: every pod they create carries the label RUN_LABEL and is removed at teardown.
+The registry (tests/support/registry.py: Debian's docker-registry) is started per test; the
+images a test pulls from it into containerd are removed at teardown.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +28,7 @@ from proto.runtime.v1 import api_pb2
 # vmlet's fixtures (vmlet_dir, vmlet_factory, vmlet and what they need), maintained with the CRI shim's tests.
 from tests.integration.cri.conftest import *  # noqa: F401,F403
 from tests.support import cri
+from tests.support import registry as registry_support
 from tests.support.prereq import require
 
 REPO = Path(__file__).resolve().parents[3]
@@ -173,6 +178,60 @@ def proxy_process(containerd, vmlet, vmlet_dir) -> Iterator[ProxyProcess]:
                      [f"containerd={CONTAINERD_SOCKET}", f"{VM}={vmlet.socket}"], vmlet_dir / "criproxy.log")
     yield p
     p.stop()
+
+
+# ---------------------------------------------------------------- a registry on loopback
+
+REGISTRY_REPOSITORY = "vmlet-test/busybox"  # tags: <pid of the test run>-<token>
+
+
+def _remove_registry_images(client: cri.Client, host: str | None = None) -> None:
+    """Remove containerd's images of REGISTRY_REPOSITORY: those from `host`, or (host None) those of dead runs."""
+    def stale(ref: str) -> bool:
+        ref_host, _, rest = ref.partition("/")
+        repo, _, tag = rest.rpartition(":")
+        pid = tag.split("-", 1)[0]
+        return (ref_host.startswith("127.0.0.1:") and repo == REGISTRY_REPOSITORY and pid.isdigit()
+                and not Path(f"/proc/{pid}").exists())
+
+    for image in client.images.ListImages(api_pb2.ListImagesRequest(), timeout=30).images:
+        if host is not None:
+            ours = any(r.startswith(f"{host}/") for r in (*image.repo_tags, *image.repo_digests))
+        else:
+            ours = any(stale(r) for r in image.repo_tags)
+        if not ours:
+            continue
+        try:  # by ID: containerd removes every name of the image
+            client.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image.id)), timeout=60)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+
+@pytest.fixture
+def registry(containerd_socket) -> Iterator[registry_support.Registry]:
+    """Debian's docker-registry on 127.0.0.1:<free port> (plain HTTP, storage in a temp dir), for containerd.
+
+    Teardown removes this run's containerd pods, then every image containerd holds from this registry,
+    then stops the registry and deletes its storage.
+    """
+    for tool, pkg in (("docker-registry", "docker-registry"), ("ctr", "containerd"), ("setpriv", "util-linux")):
+        require(shutil.which(tool) is not None, f"{tool} not installed (Debian: {pkg}; run deploy/setup-host.sh)")
+    client = cri.connect(containerd_socket)
+    reg = registry_support.Registry()
+    try:
+        registry_support.sweep_stale(containerd_socket)
+        _remove_registry_images(client)  # leftovers of crashed runs
+        reg.start()
+        yield reg
+    finally:
+        try:
+            _remove_our_pods(client, RUN_ID)  # pods first, as the kubelet does before removing images
+            if reg.port:
+                _remove_registry_images(client, reg.host)
+        finally:
+            client.close()
+            reg.stop()
 
 
 # ---------------------------------------------------------------- request builders
