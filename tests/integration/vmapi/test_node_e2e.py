@@ -1,0 +1,184 @@
+"""The VM API end to end on this node: VirtualMachine → controller → pod → CRI proxy → vmlet → a booted VM.
+
+Everything is real except the API server (kmock, with the harness's bookkeeping) and the kubelet, which
+cannot be installed here: `tests.support.kubelet_agent.KubeletAgent` plays scheduler and kubelet for
+one node, turning the pod the controller made into the CRI calls a kubelet makes, on the socket of the
+CRI proxy (`criproxy` as a process, containerd as its default runtime and a vmlet daemon as
+`virtlet.cloud`), and writing the pod's status back. The controller is the unchanged operator.
+
+Proves: the pod the controller renders is one the node runtime accepts and boots as a VM (annotations,
+image, resources, network binding); the proxy routes it to vmlet; the VM's status reaches Running/ready
+with the IP the guest itself leased on the pod network; `vmctl stop` makes the controller delete the
+pod, the guest is shut down through ACPI within the grace period, and nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from cri_shim.network import names as netnames, netns
+from proto.runtime.v1 import api_pb2
+from tests.integration.vmapi.harness import vm_manifest
+from tests.support import libvirt_env, netsupport
+from tests.support.kubelet_agent import KubeletAgent
+from vmapi import podspec
+
+# The node's runtime pieces, maintained with the CRI shim's and the proxy's tests: vmlet on the test
+# image (served on loopback as virtlet.cloud/testvm) and the test CNI network, containerd, criproxy.
+from tests.integration.cri.conftest import TESTVM, cni_conf_dir, vmlet, vmlet_dir, vmlet_factory  # noqa: F401
+from tests.integration.criproxy.conftest import VM, containerd, containerd_socket, proxy_process  # noqa: F401
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.libvirt]
+
+NODE = "vmlet-e2e-node"
+NAME = "e2e"
+DNS = "10.214.255.53"  # never queried: only checked on the guest's console (it got it by DHCP)
+GRACE = 60  # terminationGracePeriodSeconds: the guest's time for an ACPI shutdown
+BOOT_TIMEOUT = 240  # VM created → guest leased its IP, under TCG on a busy 2-core machine
+
+
+@pytest_asyncio.fixture
+async def node(server, kubeconfig, proxy_process, vmlet, vmlet_dir, test_network):  # noqa: F811
+    """The CRI proxy (containerd + vmlet) and the kubelet agent for NODE on its socket.
+
+    Teardown, also after a failure: the agent stops (off the event loop: kmock serves its last
+    requests there), then every sandbox it still has is removed through the proxy, VMs destroyed
+    at once; the vmlet, proxy and network fixtures then check and sweep what is below.
+    """
+    await asyncio.to_thread(lambda: proxy_process.start().close())
+    agent = KubeletAgent(kubeconfig, proxy_process.socket, NODE, log_root=vmlet_dir / "pods",
+                         node_labels=podspec.NODE_SELECTOR, host_ip=test_network.gateway, dns_servers=(DNS,))
+    agent.start()
+    try:
+        yield agent
+    finally:
+        try:
+            await asyncio.to_thread(agent.stop)
+        finally:
+            try:
+                await asyncio.to_thread(agent.remove_all)
+            finally:
+                agent.close()
+
+
+async def until(pred, timeout: float, what: str, agent: KubeletAgent):
+    """Poll `pred` (sync or async) until truthy; on timeout say what the agent did and what failed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; agent did {agent.calls}; "
+                                 f"agent errors: {agent.errors[-5:]}")
+        await asyncio.sleep(0.1)
+
+
+def log_match(path: Path, pattern: str) -> re.Match | None:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return re.search(pattern, text, re.MULTILINE)
+
+
+async def vmctl(kubeconfig: Path, *args: str) -> str:
+    """The installed `vmctl` command (python -m vmapi.vmctl where the venv has no script)."""
+    script = Path(sys.executable).with_name("vmctl")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "vmapi.vmctl"]
+    proc = await asyncio.create_subprocess_exec(*argv, "--kubeconfig", str(kubeconfig), *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, f"vmctl {' '.join(args)} -> {proc.returncode}: {out.decode()}{err.decode()}"
+    return out.decode()
+
+
+async def test_a_virtual_machine_boots_on_the_node_and_stops(cluster, node, operator, kubeconfig, vmlet,  # noqa: F811
+                                                             libvirt_conn, test_network):
+    agent = node
+    manifest = vm_manifest(NAME, "Always", terminationGracePeriodSeconds=GRACE,
+                           domain={"cpu": {"cores": 1}, "memory": {"guest": "256Mi"},
+                                   "rootDisk": {"image": TESTVM}, "interface": {"binding": "bridge"}})
+    vm = await cluster.create_vm_manifest(manifest)
+    t0 = time.monotonic()
+
+    # --- Running: the controller's pod, bound and run by the agent, the VM booted by vmlet.
+    async def running():
+        st = await cluster.status(NAME)
+        return st if st.get("printableStatus") == "Running" and st.get("ready") is True else None
+    st = await until(running, BOOT_TIMEOUT, f"VM {NAME} Running and ready", agent)
+    pod = await cluster.pod(NAME)
+    assert pod["spec"]["nodeName"] == NODE and st["nodeName"] == NODE
+    assert st["podUID"] == pod["metadata"]["uid"] and podspec.is_owned_by(pod, vm)
+    cs = pod["status"]["containerStatuses"][0]
+    assert cs["name"] == podspec.CONTAINER and "running" in cs["state"] and cs["imageID"].startswith(
+        f"{VM}__sha256:")  # the image vmlet pulled, its ID prefixed by the proxy
+
+    # The status IP is the address the guest leased on the pod network (its own console says so).
+    log = agent.log_file(pod, podspec.CONTAINER)
+    m = await until(lambda: log_match(log, r"stdout F VMLET-TESTVM: ip eth0 (\S+)/(\d+)$"), BOOT_TIMEOUT,
+                    f"the guest's IP on its console ({log})", agent)
+    booted = time.monotonic() - t0
+    assert st["podIP"] == m.group(1) == pod["status"]["podIP"], (st, m.group(0))
+    assert ipaddress.ip_address(st["podIP"]) in test_network.subnet
+    assert int(m.group(2)) == test_network.subnet.prefixlen
+    # The agent's sandbox config reached the guest: pod UID as instance-id, pod name as hostname, DNS.
+    for marker in (f"instance-id {pod['metadata']['uid']}", f"hostname {podspec.pod_name(NAME)}", f"dns {DNS}"):
+        assert await until(lambda: log_match(log, rf"stdout F VMLET-TESTVM: {re.escape(marker)}$"), 30, marker, agent)
+    assert await asyncio.to_thread(netsupport.ping, st["podIP"], 3), f"no answer from the VM at {st['podIP']}"
+
+    # Below the proxy: one vmlet sandbox for this pod, one running QEMU domain of this run.
+    sandboxes = vmlet.client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
+    assert [(s.metadata.name, s.metadata.uid) for s in sandboxes] == [(pod["metadata"]["name"],
+                                                                       pod["metadata"]["uid"])]
+    sandbox_id = sandboxes[0].id
+    assert sandboxes[0].annotations["kubernetes.io/target-runtime"] == VM
+    assert sandboxes[0].annotations["VirtletVCPUCount"] == "1"
+    domains = [d for d in libvirt_conn.listAllDomains() if d.name().startswith(libvirt_env.RUN_PREFIX)]
+    assert len(domains) == 1 and domains[0].isActive()
+    # domain.memory.guest → the pod's memory limit → the agent's linux resources → the VM's RAM (KiB).
+    assert domains[0].maxMemory() == 256 * 1024
+
+    # --- vmctl stop: runStrategy Halted → the controller deletes the pod → the agent shuts the VM down.
+    assert "runStrategy set to Halted" in await vmctl(kubeconfig, "stop", NAME)
+    t1 = time.monotonic()
+    seen: dict[str, float] = {}  # printableStatus → when first seen
+
+    async def stopped():
+        st, now = await cluster.status(NAME), await cluster.pod(NAME)
+        if now is not None and now["metadata"].get("deletionTimestamp"):
+            seen.setdefault(f"pod terminating, VM {st.get('printableStatus')}", time.monotonic() - t1)
+        seen.setdefault(st.get("printableStatus"), time.monotonic() - t1)
+        return st if st.get("printableStatus") == "Stopped" and now is None else None
+    st = await until(stopped, GRACE + 60, f"VM {NAME} Stopped and its pod gone", agent)
+    assert st["ready"] is False and st["created"] is False and st.get("podIP") is None
+    assert st["runStrategy"] == "Halted"
+    # The deleted pod stayed (deletionTimestamp, the agent's finalizer) while the guest shut down, and
+    # the VM said Stopping meanwhile — a real API server's graceful deletion, which kmock lacks.
+    assert "pod terminating, VM Stopping" in seen, seen
+    # Graceful: the guest saw the ACPI power button and powered off (exit 0), it was not destroyed.
+    assert log_match(log, r"stdout F VMLET-TESTVM: acpi poweroff$"), log.read_text()[-2000:]
+    teardown = [c.split()[0] for c in agent.calls if c.split()[0] in (
+        "StopContainer", "RemoveContainer", "StopPodSandbox", "RemovePodSandbox", "finish")]
+    assert teardown == ["StopContainer", "RemoveContainer", "StopPodSandbox", "RemovePodSandbox", "finish"], \
+        agent.calls
+    assert f"StopContainer {podspec.CONTAINER} timeout={GRACE}" in agent.calls
+
+    # Nothing of the VM is left: no sandbox, no domain, no netns, links or dnsmasq, its IP released.
+    assert not vmlet.client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
+    assert not vmlet.client.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=30).containers
+    assert not [d.name() for d in libvirt_conn.listAllDomains() if d.name().startswith(libvirt_env.RUN_PREFIX)]
+    assert netnames.netns_name(sandbox_id) not in netns.list_names()
+    from tests.integration.cri.test_network import network_leftovers
+    assert not network_leftovers([sandbox_id])
+    assert not test_network.allocated_ips()
+    assert not agent.errors, agent.errors
+    print(f"\nnode e2e: guest IP on its console {booted:.1f}s after the VirtualMachine was created; "
+          f"after vmctl stop: {seen}")
