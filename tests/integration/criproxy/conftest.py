@@ -36,6 +36,7 @@ CONTAINERD_SOCKET = Path(os.environ.get("VMLET_TEST_CONTAINERD_SOCKET", "/run/vm
 SETUP_CONTAINERD = REPO / "deploy/containerd/setup-containerd.sh"
 BUSYBOX = "localhost/vmlet/busybox:1"
 VM = "virtlet.cloud"
+PREFIX = VM + "__"  # what the proxy puts before vmlet's IDs
 RUN_LABEL = "vmlet-test-criproxy"
 RUN_ID = f"{os.getpid()}"
 
@@ -235,6 +236,13 @@ def registry(containerd_socket) -> Iterator[registry_support.Registry]:
 
 
 # ---------------------------------------------------------------- request builders
+
+def rpc_error(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    """(code, details) of the RpcError that the call must raise."""
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args, **kw)
+    return e.value.code(), e.value.details()
+
 
 def container_pod(name: str | None = None, labels: dict[str, str] | None = None) -> api_pb2.PodSandboxConfig:
     name = name or f"ctr-{uuid.uuid4().hex[:6]}"

@@ -18,19 +18,13 @@ import pytest
 
 from proto.runtime.v1 import api_pb2
 from tests.integration.cri.conftest import TESTVM
-from tests.integration.criproxy.conftest import CONTAINERD_SOCKET, REGISTRY_REPOSITORY, VM, container_pod
+from tests.integration.criproxy.conftest import (CONTAINERD_SOCKET, PREFIX, REGISTRY_REPOSITORY, VM, container_pod,
+                                                 rpc_error)
 from tests.support import cri
 from tests.support.registry import TOKEN_FILE
 
 pytestmark = pytest.mark.libvirt
 
-PREFIX = VM + "__"
-
-
-def _code(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        fn(*args, **kw)
-    return e.value.code(), e.value.details()
 
 
 def _spec(image: str) -> api_pb2.ImageSpec:
@@ -129,7 +123,7 @@ def test_container_image_from_registry_and_vm_image_through_proxy(proxy, contain
     # A name the registry does not have: containerd's error comes back through the proxy unchanged
     for missing in (f"{registry.host}/{REGISTRY_REPOSITORY}:{os.getpid()}-no-such-tag",
                     f"{registry.host}/vmlet-test/no-such-repository:1"):
-        code, details = _code(im.PullImage, api_pb2.PullImageRequest(image=_spec(missing)), timeout=60)
+        code, details = rpc_error(im.PullImage, api_pb2.PullImageRequest(image=_spec(missing)), timeout=60)
         assert code == grpc.StatusCode.NOT_FOUND, (missing, code, details)
         assert f'failed to pull and unpack image "{missing}"' in details and details.endswith(f"{missing}: not found")
         assert not _status(containerd, missing).id

@@ -11,18 +11,11 @@ import pytest
 
 from proto.runtime.v1 import api_pb2
 from tests.integration.cri.conftest import TESTVM
-from tests.integration.criproxy.conftest import BUSYBOX, VM, busybox_container, container_pod
+from tests.integration.criproxy.conftest import BUSYBOX, PREFIX, VM, busybox_container, container_pod, rpc_error
 from tests.support import cri
 
 pytestmark = pytest.mark.libvirt
 
-PREFIX = VM + "__"
-
-
-def _code(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        fn(*args, **kw)
-    return e.value.code(), e.value.details()
 
 
 def _run_both(client: cri.Client, vm_image_ref: str, labels: dict[str, str], log_dir: Path):
@@ -135,7 +128,7 @@ def test_container_pod_and_vm_pod_through_one_socket(proxy, containerd, vmlet):
     assert out.stdout == b"hi\n" and out.exit_code == 0
     url = rt.Exec(api_pb2.ExecRequest(container_id=cid, cmd=["sh"], stdout=True), timeout=10).url
     assert url.startswith("http://127.0.0.1:") and "/exec/" in url
-    assert _code(rt.Exec, api_pb2.ExecRequest(container_id=vid, cmd=["sh"], stdout=True), timeout=10)[0] == \
+    assert rpc_error(rt.Exec, api_pb2.ExecRequest(container_id=vid, cmd=["sh"], stdout=True), timeout=10)[0] == \
         grpc.StatusCode.UNIMPLEMENTED
 
     # Stopped and removed through the proxy, each by its backend
@@ -147,7 +140,7 @@ def test_container_pod_and_vm_pod_through_one_socket(proxy, containerd, vmlet):
     left = {p.id for p in rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items}
     assert csb not in left and vsb not in left
     assert not vmlet.client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
-    assert _code(rt.ContainerStatus, api_pb2.ContainerStatusRequest(container_id=vid), timeout=10)[0] == \
+    assert rpc_error(rt.ContainerStatus, api_pb2.ContainerStatusRequest(container_id=vid), timeout=10)[0] == \
         grpc.StatusCode.NOT_FOUND
     # The VM image can be removed by its prefixed ID (what the kubelet's image GC does)
     im.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref)), timeout=30)
@@ -181,11 +174,11 @@ def test_vmlet_down_then_back(proxy, containerd, vmlet):
                       (rt.ListContainerStats, api_pb2.ListContainerStatsRequest()),
                       (proxy.images.ListImages, api_pb2.ListImagesRequest()),
                       (proxy.images.ImageStatus, api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=TESTVM)))):
-        code, details = _code(call, req, timeout=10)
+        code, details = rpc_error(call, req, timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE, (call, details)
         assert f"backend {VM} ({vmlet.socket}) is unavailable" in details
     new_vm = cri.pod_config()
-    code, details = _code(rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=new_vm), timeout=10)
+    code, details = rpc_error(rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=new_vm), timeout=10)
     assert code == grpc.StatusCode.UNAVAILABLE and VM in details
     conds = {c.type: c for c in rt.Status(api_pb2.StatusRequest(), timeout=10).status.conditions}
     assert not conds["RuntimeReady"].status and f"backend {VM}" in conds["RuntimeReady"].message
@@ -223,11 +216,11 @@ def test_default_backend_down_vm_pods_keep_working(containerd, vmlet, vmlet_dir)
     client = cri.connect(sock)
     try:
         rt = client.runtime
-        code, details = _code(rt.Version, api_pb2.VersionRequest(), timeout=10)
+        code, details = rpc_error(rt.Version, api_pb2.VersionRequest(), timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE and f"backend containerd ({dead}) is unavailable" in details
-        code, details = _code(rt.ListPodSandbox, api_pb2.ListPodSandboxRequest(), timeout=10)
+        code, details = rpc_error(rt.ListPodSandbox, api_pb2.ListPodSandboxRequest(), timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE and "backend containerd" in details
-        code, _ = _code(rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=container_pod()), timeout=10)
+        code, _ = rpc_error(rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=container_pod()), timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE
         vsb = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=cri.pod_config()), timeout=60).pod_sandbox_id
         assert vsb.startswith(PREFIX)
