@@ -438,5 +438,14 @@ chmod 0644 "$WORK/$IMAGE_FILE"
 cp "$WORK/manifest" "$CACHE_DIR/$IMAGE_NAME-$HASH.manifest"
 mv -f "$WORK/$IMAGE_FILE" "$IMAGE_PATH"
 log "built $IMAGE_PATH ($(du -k "$IMAGE_PATH" | cut -f1) KiB)"
+
+# Older recipes' images: keep the newest one besides this (another checkout may still use it), drop the
+# rest. Nothing runs from these files directly: tests and the demo serve them to vmlet, which copies
+# them into its own image store.
+find "$CACHE_DIR" -maxdepth 1 -name "$IMAGE_NAME-*.qcow2" ! -name "$IMAGE_FILE" -printf '%T@ %f\n' \
+    | sort -rn | tail -n +2 | while read -r _ old; do
+        log "pruning old image $old"
+        rm -f "$CACHE_DIR/$old" "$CACHE_DIR/${old%.qcow2}.manifest"
+    done
 trap - ERR
 finish
