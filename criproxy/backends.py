@@ -4,15 +4,19 @@ gRPC channels reconnect by themselves; the reconnect backoff is capped low (1 s)
 so a backend that comes back is used again within about a second. A call to a
 backend that is down fails fast (no wait-for-ready) with UNAVAILABLE naming it:
 "backend virtlet.cloud (/run/vmlet/vmlet.sock) is unavailable: ...".
+
+The channels are grpcio's synchronous ones: the proxy's handlers run on server
+threads and block in C (GIL released) while the backend answers, which costs less
+per call than grpc.aio's hand-offs to an event loop (docs/criproxy.md, Performance).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import grpc
-from grpc import aio
 
 log = logging.getLogger("criproxy.backends")
 
@@ -43,24 +47,25 @@ class Backend:
     name: str
     socket: str
     default: bool = False
-    channel: aio.Channel | None = None
-    _unary: dict[str, object] = field(default_factory=dict)
-    _stream: dict[str, object] = field(default_factory=dict)
+    channel: grpc.Channel | None = None
+    _callables: dict[tuple[str, str], object] = field(default_factory=dict)
 
     def open(self) -> None:
-        self.channel = aio.insecure_channel(f"unix://{self.socket}", options=CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}", options=CHANNEL_OPTIONS)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.channel is not None:
-            await self.channel.close()
+            self.channel.close()
             self.channel = None
+            self._callables.clear()
 
-    def _callable(self, path: str, streaming: bool):
-        cache = self._stream if streaming else self._unary
-        fn = cache.get(path)
+    def callable(self, kind: str, path: str):
+        """The channel's multicallable (`unary_unary`, `unary_stream`, ...) for a method, on raw bytes;
+        made once per method and reused."""
+        fn = self._callables.get((kind, path))
         if fn is None:
-            make = self.channel.unary_stream if streaming else self.channel.unary_unary
-            fn = cache[path] = make(path, request_serializer=None, response_deserializer=None)
+            fn = self._callables[(kind, path)] = getattr(self.channel, kind)(
+                path, request_serializer=None, response_deserializer=None)
         return fn
 
     def error(self, e: grpc.RpcError) -> BackendError:
@@ -70,27 +75,21 @@ class Backend:
             details = f"backend {self.name} ({self.socket}) is unavailable: {details}"
         return BackendError(self.name, code, details)
 
-    async def unary(self, path: str, request: bytes, timeout: float | None, metadata=None) -> bytes:
+    def unary(self, path: str, request: bytes, timeout: float | None) -> bytes:
         try:
-            return await self._callable(path, False)(request, timeout=timeout, metadata=metadata)
+            return self.callable("unary_unary", path)(request, timeout=timeout)
         except grpc.RpcError as e:
             raise self.error(e) from None
 
-    def stream(self, path: str, request: bytes, timeout: float | None, metadata=None):
-        """The call object (async iterator of response bytes); iterate with `iterate()`."""
-        return self._callable(path, True)(request, timeout=timeout, metadata=metadata)
+    def stream(self, path: str, request: bytes, timeout: float | None):
+        """The call object (iterator of response bytes, `cancel()`); iterate with `iterate()`."""
+        return self.callable("unary_stream", path)(request, timeout=timeout)
 
-    async def iterate(self, call):
+    def iterate(self, call) -> Iterator[bytes]:
         try:
-            async for item in call:
-                yield item
+            yield from call
         except grpc.RpcError as e:
             raise self.error(e) from None
-
-    def state(self) -> str:
-        if self.channel is None:
-            return "CLOSED"
-        return self.channel.get_state(try_to_connect=False).name
 
 
 class Backends:
@@ -108,9 +107,9 @@ class Backends:
             b.open()
             log.info("backend %s%s at %s", b.name, " (default)" if b.default else "", b.socket)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         for b in self.by_name.values():
-            await b.close()
+            b.close()
 
     def __getitem__(self, name: str) -> Backend:
         return self.by_name[name]
