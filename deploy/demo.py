@@ -82,15 +82,22 @@ def main() -> int:
         ref = client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=IMAGE))).image_ref
         print(f"image     {IMAGE} -> {ref} (from {url})")
 
+        # A pod volume, as the kubelet would mount it: a host directory, read-only, shared over virtio-fs.
+        volume = work / "volumes" / "motd"
+        volume.mkdir(parents=True)
+        (volume / "motd").write_text("hello from a pod volume on the host\n")
         pod = cri.pod_config(name="demo-vm", uid=str(uuid.uuid4()), log_directory=str(work / "pods"), annotations={
             "VirtletVCPUCount": "1",
-            "VirtletCloudInitUserDataScript": "#!/bin/sh\necho \"hello from user-data on $(hostname)\"\n",
+            "VirtletCloudInitUserDataScript": "#!/bin/sh\n@virtlet-mount-script@\n"
+                                              "echo \"hello from user-data on $(hostname)\"\n"
+                                              "echo \"/etc/motd.d/motd: $(cat /etc/motd.d/motd)\"\n",
         })
         sandbox_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
         print(f"sandbox   {sandbox_id[:13]} pod default/demo-vm")
+        container = cri.container_config(IMAGE, memory_mib=256, envs={"GREETING": "hi"})
+        container.mounts.add(container_path="/etc/motd.d", host_path=str(volume), readonly=True)
         cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
-            pod_sandbox_id=sandbox_id, config=cri.container_config(IMAGE, memory_mib=256, envs={"GREETING": "hi"}),
-            sandbox_config=pod)).container_id
+            pod_sandbox_id=sandbox_id, config=container, sandbox_config=pod)).container_id
         started = time.monotonic()
         rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
         status = rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid, verbose=True))
