@@ -114,8 +114,10 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         try:
             shares, skipped = pod_volumes.plan(cfg.mounts)
             pod_volumes.prepare(files.dir, shares)
-        except pod_volumes.VolumeMountError as e:
+        except pod_volumes.BadMount as e:
             raise errors.invalid_argument(str(e)) from None
+        except pod_volumes.VolumeMountError as e:
+            raise errors.failed_precondition(f"cannot share the pod's volumes with the VM: {e}") from None
         for k in skipped:
             log.info("container %s: mount %s (%s) not given to the VM: %s",
                      container_id[:12], k.container_path, k.host_path, k.reason)

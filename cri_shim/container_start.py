@@ -31,7 +31,8 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
             files = vm_files(rt.config.vms_dir, c.id)
             pod_volumes.prepare(files.dir, pod_volumes.load(files.volumes_record)[0])
             rt.host.start(c.domain_name)
-        except (libvirt.libvirtError, LookupError, pod_volumes.VolumeMountError) as e:
+        except (libvirt.libvirtError, LookupError, OSError, pod_volumes.VolumeMountError) as e:
+            pod_volumes.release(vm_files(rt.config.vms_dir, c.id).dir)
             with rt.store_lock():
                 rt.store.update_container(dataclasses.replace(
                     rt.container(c.id), state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(),

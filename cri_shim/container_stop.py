@@ -14,7 +14,7 @@ import time
 
 from proto.runtime.v1 import api_pb2
 
-from . import stats
+from . import pod_volumes, stats
 from .crashpoints import crashpoint
 from .runtime import Runtime
 from .state import ContainerRecord
@@ -33,6 +33,7 @@ def stop_vm(rt: Runtime, c: ContainerRecord, timeout: float) -> ContainerRecord:
             c = dataclasses.replace(c, state=api_pb2.CONTAINER_EXITED, finished_at=time.time_ns(),
                                     exit_code=0, reason="NeverStarted")
             rt.store.update_container(c)
+        pod_volumes.release(vm_files(rt.config.vms_dir, c.id).dir)
         return c
     if c.state != api_pb2.CONTAINER_RUNNING:
         return c
@@ -45,7 +46,11 @@ def stop_vm(rt: Runtime, c: ContainerRecord, timeout: float) -> ContainerRecord:
     if rt.host.is_active(c.domain_name):
         log.info("container %s: guest did not power off within %ss; destroying it", c.id[:12], timeout)
         rt.host.destroy(c.domain_name)
-    return rt.record_exit(c.id) or c
+    c = rt.record_exit(c.id) or c
+    # The exit may have been recorded by the exit worker, still busy: the volumes are free when
+    # StopContainer returns (the kubelet tears them down next).
+    pod_volumes.release(vm_files(rt.config.vms_dir, c.id).dir)
+    return c
 
 
 def remove_vm(rt: Runtime, c: ContainerRecord) -> None:

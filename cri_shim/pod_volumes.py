@@ -46,7 +46,9 @@ _MS_NODEV = 0x4
 _MS_NOEXEC = 0x8
 _MS_REMOUNT = 0x20
 _MS_BIND = 0x1000
+_MS_PRIVATE = 0x40000
 _MNT_DETACH = 0x2
+_UMOUNT_NOFOLLOW = 0x8
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -54,7 +56,11 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class VolumeMountError(Exception):
-    """A pod volume can't be given to the VM (bad mount in the request, or the host refused)."""
+    """A pod volume can't be given to the VM because the host refused (mount, mkdir, ...)."""
+
+
+class BadMount(VolumeMountError):
+    """The request's mount can't be honoured by a VM at all (names the field)."""
 
 
 @dataclass(frozen=True)
@@ -75,37 +81,46 @@ class Skipped:
 def plan(mounts: Sequence[api_pb2.Mount]) -> tuple[list[Share], list[Skipped]]:
     """Which CRI mounts become shares and which are left out (and why).
 
-    Raises VolumeMountError for mounts a VM can't honour at all, naming the
-    field (config.mounts[i].…). Creates missing host directories.
+    Every mount is checked before the host is touched: BadMount names the
+    field (config.mounts[i].…). Then missing host directories are created
+    (VolumeMountError if the host refuses).
     """
-    shares: list[Share] = []
-    skipped: list[Skipped] = []
+    checked: list[tuple[str, api_pb2.Mount]] = []
     seen: dict[str, int] = {}
     for i, m in enumerate(mounts):
         field = f"config.mounts[{i}]"
         if m.HasField("image") and m.image.image:
-            raise VolumeMountError(f"{field}.image: image volumes are not supported by VM pods")
+            raise BadMount(f"{field}.image: image volumes are not supported by VM pods")
         if m.uidMappings or m.gidMappings:
-            raise VolumeMountError(f"{field}: ID-mapped mounts (user namespaces) are not supported by VM pods")
+            raise BadMount(f"{field}: ID-mapped mounts (user namespaces) are not supported by VM pods")
         if m.recursive_read_only:
-            raise VolumeMountError(f"{field}.recursive_read_only is not supported by VM pods "
-                                   "(vmlet does not announce it in RuntimeHandlerFeatures)")
+            raise BadMount(f"{field}.recursive_read_only is not supported by VM pods "
+                           "(vmlet does not announce it in RuntimeHandlerFeatures)")
         if m.propagation == api_pb2.PROPAGATION_BIDIRECTIONAL:
-            raise VolumeMountError(f"{field}.propagation: Bidirectional propagation is impossible into a VM "
-                                   "(mounts made by the guest cannot reach the host)")
+            raise BadMount(f"{field}.propagation: Bidirectional propagation is impossible into a VM "
+                           "(mounts made by the guest cannot reach the host)")
         if not m.host_path.startswith("/") or "\x00" in m.host_path:
-            raise VolumeMountError(f"{field}.host_path {m.host_path!r} must be an absolute path")
+            raise BadMount(f"{field}.host_path {m.host_path!r} must be an absolute path")
         if m.container_path in seen:
-            raise VolumeMountError(f"{field}.container_path {m.container_path!r} is also "
-                                   f"config.mounts[{seen[m.container_path]}]'s")
+            raise BadMount(f"{field}.container_path {m.container_path!r} is also "
+                           f"config.mounts[{seen[m.container_path]}]'s")
         seen[m.container_path] = i
+        try:
+            Mount(host_path=m.host_path, container_path=m.container_path, read_only=m.readonly)
+        except CloudInitError as e:
+            raise BadMount(f"{field}: {e}") from None
+        checked.append((field, m))
 
+    shares: list[Share] = []
+    skipped: list[Skipped] = []
+    for field, m in checked:
         host = os.path.realpath(m.host_path)
         try:
-            st = os.stat(host)
-        except FileNotFoundError:
-            os.makedirs(host, mode=0o755, exist_ok=True)
-            st = os.stat(host)
+            try:
+                st = os.stat(host)
+            except FileNotFoundError:
+                os.makedirs(host, mode=0o755, exist_ok=True)
+                st = os.stat(host)
         except OSError as e:
             raise VolumeMountError(f"{field}.host_path {m.host_path!r}: {e.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
@@ -113,11 +128,7 @@ def plan(mounts: Sequence[api_pb2.Mount]) -> tuple[list[Share], list[Skipped]]:
             skipped.append(Skipped(m.container_path, m.host_path,
                                    f"{kind}: only directories can be shared with a VM"))
             continue
-        try:
-            guest = Mount(host_path=host, container_path=m.container_path, read_only=m.readonly)
-        except CloudInitError as e:
-            raise VolumeMountError(f"{field}: {e}") from None
-        shares.append(Share(guest, host))
+        shares.append(Share(Mount(host_path=host, container_path=m.container_path, read_only=m.readonly), host))
     return shares, skipped
 
 
@@ -136,11 +147,13 @@ def load(path: Path) -> tuple[list[Share], list[dict]]:
     """(shares, skipped entries) from a volumes.json; nothing if the file is missing."""
     try:
         data = json.loads(path.read_bytes())
+        shares = [Share(Mount(s["hostPath"], s["containerPath"], bool(s["readOnly"])), s["hostPath"])
+                  for s in data.get("shares", [])]
+        return shares, list(data.get("skipped", []))
     except FileNotFoundError:
         return [], []
-    shares = [Share(Mount(s["hostPath"], s["containerPath"], s["readOnly"]), s["hostPath"])
-              for s in data.get("shares", [])]
-    return shares, list(data.get("skipped", []))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise VolumeMountError(f"{path} is unreadable or corrupt: {e}") from None
 
 
 def share_source(vm_dir: Path, share: Share) -> str:
@@ -150,23 +163,44 @@ def share_source(vm_dir: Path, share: Share) -> str:
 
 
 def prepare(vm_dir: Path, shares: Sequence[Share]) -> None:
-    """Make the read-only bind mounts of `shares` under `vm_dir` (idempotent)."""
+    """Make the read-only bind mounts of `shares` under `vm_dir` (idempotent).
+
+    Each is a private mount: a bind of a shared mount would join its peer
+    group, so later host mounts under the volume would appear in it
+    (writable) and unmounting it would unmount the originals.
+    """
     for share in shares:
         if not share.guest.read_only:
             continue
         target = Path(share_source(vm_dir, share))
         if _is_mountpoint(target):
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        _mount(share.host_dir, str(target), None, _MS_BIND)
-        # A bind mount takes the read-only flag only on a remount; keep the
-        # source's nosuid/nodev/noexec (dropping them needs privileges and would widen access).
-        flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _mount_flags(share.host_dir)
+            if _read_only(target):
+                continue
+            _umount(str(target))  # left writable by a crash half-way: redo it
         try:
+            # The source's nosuid/nodev/noexec are kept: dropping them needs privileges and widens access.
+            flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _mount_flags(share.host_dir)
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VolumeMountError(f"cannot prepare {target}: {e.strerror}") from None
+        _mount(share.host_dir, str(target), None, _MS_BIND)
+        try:
+            _mount(None, str(target), None, _MS_PRIVATE)
+            # A bind mount takes the read-only flag only on a remount.
             _mount(None, str(target), None, flags)
         except VolumeMountError:
             _umount(str(target))
             raise
+
+
+def release(vm_dir: Path) -> None:
+    """Detach the VM's read-only bind mounts once the VM is down, so the kubelet can tear the
+    volumes down (a bind would keep a CSI file system or a Secret's tmpfs mounted). Idempotent and
+    best effort: RemoveContainer detaches whatever is left before it deletes the directory."""
+    try:
+        unmount_under(vm_dir / "shares")
+    except VolumeMountError as e:
+        log.warning("%s", e)
 
 
 def unmount_under(directory: Path) -> None:
@@ -178,8 +212,8 @@ def unmount_under(directory: Path) -> None:
     for point in sorted(_mountpoints_under(directory), key=len, reverse=True):
         try:
             _umount(point)
-        except VolumeMountError as e:
-            log.warning("%s", e)
+        except VolumeMountError:
+            pass  # e.g. detached meanwhile by another thread seeing the same exit; checked below
     left = _mountpoints_under(directory)
     if left:
         raise VolumeMountError(f"still mounted under {directory}: {', '.join(sorted(left))}")
@@ -194,9 +228,16 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> N
 
 def _umount(target: str) -> None:
     # MNT_DETACH: a virtiofsd that still has the directory open must not make this fail.
-    if _libc.umount2(target.encode(), _MNT_DETACH) != 0:
+    if _libc.umount2(target.encode(), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
         raise VolumeMountError(f"cannot unmount {target}: {os.strerror(err)}")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _mount_flags(path: str) -> int:

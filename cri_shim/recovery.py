@@ -26,6 +26,7 @@ import logging
 from proto.runtime.v1 import api_pb2
 
 from .network import NetworkError
+from . import pod_volumes
 from .pod_volumes import VolumeMountError
 from .runtime import Runtime, now_ns
 from .volumes import VMFiles, remove_vm_files
@@ -92,6 +93,10 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
             else:
                 rt.record_exit(c.id)
                 report["exited"].append(c.id)
+        current = rt.store.containers.get(c.id)
+        if current is not None and current.state == api_pb2.CONTAINER_EXITED:
+            # The VM went down while vmlet was not running (or before its shares were detached).
+            pod_volumes.release(VMFiles(rt.config.vms_dir / c.id).dir)
 
     # Every holding, also of images already removed (their file waits for its last holder).
     for image_id, holder in rt.images.holdings():

@@ -21,7 +21,7 @@ import libvirt
 from image_service.store import Store as ImageStore
 from proto.runtime.v1 import api_pb2
 
-from . import errors
+from . import errors, pod_volumes
 from .config import Config
 from .console_log import ConsoleCopier
 from .events import EventHub
@@ -216,6 +216,7 @@ class Runtime:
             self.store.update_container(c)
         log.info("container %s exited: %s (%d)", c.id[:12], reason, code)
         self.stop_console(c.id)
+        pod_volumes.release(vm_files(self.config.vms_dir, c.id).dir)
         self.events.container_event(self, c.id, api_pb2.CONTAINER_STOPPED_EVENT)
         return c
 

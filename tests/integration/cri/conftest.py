@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from proto.runtime.v1 import api_pb2
+from cri_shim import pod_volumes
 from cri_shim.network import NetworkManager
 from tests.support import cri, libvirt_env, netsupport
 
@@ -22,6 +23,8 @@ def vmlet_dir(work_root: Path) -> Iterator[Path]:
     d = work_root / f"vmlet-{uuid.uuid4().hex[:8]}"
     d.mkdir(mode=0o711)
     yield d
+    # A test that failed with vmlet dead may leave a VM's read-only volume bind mounted in here.
+    pod_volumes.unmount_under(d)
     shutil.rmtree(d, ignore_errors=True)
 
 

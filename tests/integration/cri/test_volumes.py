@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cri_shim import pod_volumes
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
 
@@ -42,8 +43,7 @@ say "hosts-file $(mountpoint -q /etc/hosts && echo mounted || echo not-mounted)"
 
 
 def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+    return sorted(pod_volumes._mountpoints_under(path))
 
 
 def volume(container_path: str, host_path: Path, readonly: bool = False, **extra) -> api_pb2.Mount:
@@ -104,6 +104,7 @@ def test_directory_volumes_are_shared_and_read_only_is_enforced_by_the_host(
     assert not (config / "attempt").exists()
 
     rt.StopContainer(api_pb2.StopContainerRequest(container_id=container_id, timeout=30))
+    assert not mounts_under(vm_dir), "a stopped VM must not keep the volume mounted (the kubelet tears it down)"
     rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container_id))
     assert not mounts_under(vmlet.state_dir)
     assert not vm_dirs(vmlet)
@@ -142,6 +143,23 @@ def test_bad_mounts_are_invalid_argument_and_leave_nothing(
     assert not rt.ListContainers(api_pb2.ListContainersRequest()).containers
     assert not domains(libvirt_conn) and not vm_dirs(vmlet) and not mounts_under(vmlet.state_dir)
     assert good.is_dir() and other.is_dir()
+
+
+def test_failure_after_the_bind_mounts_rolls_them_back(client, vmlet, vmlet_dir, pulled, libvirt_conn):
+    """The mounts are fine, a later step is not (an env name cloud-init can't write): InvalidArgument,
+    and the read-only bind mount already made is gone with the half-built VM."""
+    rt = client.runtime
+    vol = vmlet_dir / "vol" / "ro"
+    vol.mkdir(parents=True)
+    pod = cri.pod_config(name="rollback", log_directory=str(vmlet_dir / "pods" / "rollback"))
+    sandbox_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+    ccfg = cri.container_config(TESTVM, envs={"1-not-a-name": "x"})
+    ccfg.mounts.append(volume("/ro", vol, readonly=True))
+    with pytest.raises(grpc.RpcError) as e:
+        rt.CreateContainer(api_pb2.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=ccfg, sandbox_config=pod))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1-not-a-name" in e.value.details()
+    assert not mounts_under(vmlet.state_dir) and not vm_dirs(vmlet) and not domains(libvirt_conn)
+    assert vol.is_dir()
 
 
 def test_crash_with_a_read_only_volume_mounted_leaves_no_mount_and_keeps_the_volume(
