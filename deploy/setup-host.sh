@@ -29,13 +29,37 @@ PKGS_PYTHON_BUILD=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev)
 PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio gzip)
 PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
 # Tests: a container registry (distribution v2) that the CRI proxy's pull test runs on loopback with a
-# config of its own (`docker-registry serve <config>`); the package's own service is kept off (below).
+# config of its own (`docker-registry serve <config>`); when this script installs the package, its own
+# service is kept off (below).
 PKGS_TEST_REGISTRY=(docker-registry)
 
 [ "$(id -u)" = 0 ] || die "run as root"
 [ -r /etc/debian_version ] || die "this script targets Debian 12 (no /etc/debian_version)"
 
 pid1_is_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
+
+# The temporary policy-rc.d of install_packages: found by its marker line, never someone else's file.
+POLICY_RC_D=/usr/sbin/policy-rc.d
+POLICY_MARKER="# vmlet-setup-host: temporary policy-rc.d"
+own_policy() { [ -f "$POLICY_RC_D" ] && grep -qxF "$POLICY_MARKER" "$POLICY_RC_D" 2>/dev/null; }
+remove_own_policy() { ! own_policy || rm -f "$POLICY_RC_D"; }
+
+registry_installed() { dpkg-query -W -f='${Status}' docker-registry 2>/dev/null | grep -q "install ok installed"; }
+
+registry_install_over() {
+    # The end of an install of docker-registry by this script, however it ended: the policy-rc.d goes,
+    # and if the package is in, its packaged service is kept off.
+    remove_own_policy
+    if registry_installed; then registry_service_off; fi
+}
+
+remove_leftover_policy() {
+    # A run killed during its apt-get install (SIGKILL: no trap runs) left its policy-rc.d. That run
+    # was installing docker-registry (the file is written for nothing else): finish its job.
+    own_policy || return 0
+    log "removing $POLICY_RC_D left by an interrupted run"
+    registry_install_over
+}
 
 install_packages() {
     local want=("${PKGS_LIBVIRT[@]}" "${PKGS_NETWORK[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}"
@@ -56,15 +80,27 @@ install_packages() {
     fi
     # --no-install-recommends keeps libvirt-daemon-system (needs systemd) out.
     # docker-registry's postinst would start its service (on :5000, all interfaces, /etc/docker/registry):
-    # unless the machine already has a policy-rc.d, a temporary one refuses that service only.
-    local policy=/usr/sbin/policy-rc.d own_policy="" rc=0
-    if [ ! -e "$policy" ]; then
-        own_policy=1
-        cat > "$policy" <<'EOF'
+    # unless the machine already has a policy-rc.d, a temporary one refuses that service only. A trap
+    # removes it however the script ends; a SIGKILL leaves it behind, and the next run removes it
+    # (remove_leftover_policy, which knows it by its marker line).
+    local rc=0 registry=""
+    for p in "${missing[@]}"; do
+        if [ "$p" = docker-registry ]; then registry=1; fi
+    done
+    if [ -n "$registry" ]; then
+        # A signal (or die) during the install still ends it properly.
+        trap registry_install_over EXIT
+        trap 'exit 129' HUP
+        trap 'exit 130' INT
+        trap 'exit 143' TERM
+    fi
+    if [ -n "$registry" ] && [ ! -e "$POLICY_RC_D" ]; then
+        cat > "$POLICY_RC_D" <<EOF
 #!/bin/sh
-# Temporary, written by vmlet's deploy/setup-host.sh for one apt-get install: keep docker-registry's service off.
+$POLICY_MARKER
+# Temporary, for one apt-get install: keep docker-registry's service off. Safe to delete.
 for arg; do
-    case "$arg" in
+    case "\$arg" in
         -*) ;;
         docker-registry|docker-registry.service) exit 101 ;;
         *) exit 0 ;;
@@ -72,20 +108,28 @@ for arg; do
 done
 exit 0
 EOF
-        chmod 0755 "$policy"
+        chmod 0755 "$POLICY_RC_D"
     fi
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
-    [ -z "$own_policy" ] || rm -f "$policy"
+    if [ -n "$registry" ]; then
+        trap - EXIT HUP INT TERM
+        # This run installed the registry: its packaged service must not run (nor start at boot). A
+        # docker-registry that was installed before is the admin's and left alone.
+        registry_install_over
+    fi
     [ "$rc" = 0 ] || die "apt-get install failed for: ${missing[*]}"
 }
 
 registry_service_off() {
-    # The tests run docker-registry themselves; the packaged service must not run (nor start at boot).
+    # The tests run docker-registry themselves, with a config of their own.
+    log "keeping the packaged docker-registry service off (stopped, not started at boot)"
     if pid1_is_systemd; then
         systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
-    elif daemon_running /var/run/docker-registry.pid; then
-        log "stopping the packaged docker-registry service"
-        /etc/init.d/docker-registry stop >/dev/null 2>&1 || true
+    else
+        if daemon_running /var/run/docker-registry.pid; then
+            /etc/init.d/docker-registry stop >/dev/null 2>&1 || true
+        fi
+        update-rc.d docker-registry disable >/dev/null 2>&1 || true
     fi
 }
 
@@ -164,8 +208,8 @@ setup_venv() {
     echo "$want" > "$stamp"
 }
 
+remove_leftover_policy
 install_packages
-registry_service_off
 ensure_accounts
 start_libvirt
 report_kvm

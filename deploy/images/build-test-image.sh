@@ -190,17 +190,24 @@ finish() {
     exit 0
 }
 
-if [ "$MODE" = build ] && [ -f "$IMAGE_PATH" ]; then
-    log "cache hit: $IMAGE_PATH"
+# A cache hit marks the image as used (its mtime): the pruning below removes only images nobody has
+# used for a day, so an image another checkout's session is serving is not deleted under it. An hour's
+# precision is plenty for that, so a hit within the hour writes nothing.
+cache_hit() {
+    log "$1: $IMAGE_PATH"
+    find "$IMAGE_PATH" -maxdepth 0 -mmin +60 -exec touch -c {} + 2>/dev/null || true
     finish
+}
+
+if [ "$MODE" = build ] && [ -f "$IMAGE_PATH" ]; then
+    cache_hit "cache hit"
 fi
 
 # Serialise concurrent builds sharing one cache directory.
 exec 9>"$CACHE_DIR/.build.lock"
 flock 9
 if [ "$MODE" = build ] && [ -f "$IMAGE_PATH" ]; then
-    log "cache hit (built concurrently): $IMAGE_PATH"
-    finish
+    cache_hit "cache hit (built concurrently)"
 fi
 
 # Holding the lock, no other build runs: remove leftovers of killed builds.
@@ -439,12 +446,15 @@ cp "$WORK/manifest" "$CACHE_DIR/$IMAGE_NAME-$HASH.manifest"
 mv -f "$WORK/$IMAGE_FILE" "$IMAGE_PATH"
 log "built $IMAGE_PATH ($(du -k "$IMAGE_PATH" | cut -f1) KiB)"
 
-# Older recipes' images: keep the newest one besides this (another checkout may still use it), drop the
-# rest. Nothing runs from these files directly: tests and the demo serve them to vmlet, which copies
-# them into its own image store.
+# Older recipes' images: an image's mtime is when it was last built or served (a cache hit touches it).
+# Drop those unused for more than a day, but keep the most recently used one besides this (another
+# checkout may still use it). Nothing runs from these files directly: tests and the demo serve them to
+# vmlet, which copies them into its own image store.
+PRUNE_BEFORE=$(($(date +%s) - 24 * 3600))
 find "$CACHE_DIR" -maxdepth 1 -name "$IMAGE_NAME-*.qcow2" ! -name "$IMAGE_FILE" -printf '%T@ %f\n' \
-    | sort -rn | tail -n +2 | while read -r _ old; do
-        log "pruning old image $old"
+    | sort -rn | tail -n +2 | while read -r used old; do
+        [ "${used%.*}" -lt "$PRUNE_BEFORE" ] || continue
+        log "pruning old image $old (unused since $(date -d "@${used%.*}" '+%F %T'))"
         rm -f "$CACHE_DIR/$old" "$CACHE_DIR/${old%.qcow2}.manifest"
     done
 trap - ERR

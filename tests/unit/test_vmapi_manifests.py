@@ -80,3 +80,34 @@ def test_sample_vm_is_valid_and_renders():
     types.VirtualMachine.model_validate(vm)
     vm = {**vm, "metadata": {**vm["metadata"], "namespace": "default", "uid": "u"}}
     assert podspec.render(vm)["metadata"]["name"] == "testvm-vm"
+
+
+def test_node_containers_see_pod_volumes_and_each_others_shares():
+    """Pod volumes go to VMs over virtio-fs (cri_shim/pod_volumes.py): vmlet resolves the kubelet's host
+    paths and bind-mounts read-only shares under its state dir; libvirtd's virtiofsd serves both. So both
+    containers see /var/lib/kubelet with the volumes mounted after they started, and vmlet's mounts under
+    /var/lib/vmlet propagate out to the host and from there into libvirtd, at the same paths."""
+    pod = _get("DaemonSet", "vmlet-node")["spec"]["template"]["spec"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    containers = {c["name"]: c for c in pod["containers"]}
+
+    def mount(container, path):
+        found = [m for m in containers[container]["volumeMounts"] if m["mountPath"] == path]
+        assert len(found) == 1, f"{container} should mount {path} once: {found}"
+        (m,) = found
+        assert host_paths[m["name"]] == path, (container, m)
+        return m
+
+    sees_host_mounts = ("HostToContainer", "Bidirectional")
+    for name in ("vmlet", "libvirtd"):
+        assert mount(name, "/var/lib/kubelet").get("mountPropagation") in sees_host_mounts, name
+        assert not mount(name, "/var/lib/kubelet").get("readOnly"), name  # vmlet creates missing volume dirs
+    assert mount("vmlet", "/var/lib/vmlet").get("mountPropagation") == "Bidirectional"
+    assert mount("libvirtd", "/var/lib/vmlet").get("mountPropagation") in sees_host_mounts
+    command = containers["vmlet"]["command"]
+    assert command[command.index("--state-dir") + 1] == "/var/lib/vmlet"
+
+    # The API server refuses Bidirectional propagation in an unprivileged container.
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        if any(m.get("mountPropagation") == "Bidirectional" for m in c.get("volumeMounts", [])):
+            assert c.get("securityContext", {}).get("privileged") is True, c["name"]
