@@ -39,19 +39,20 @@ from .cloudinit import CloudInitError, Mount
 
 log = logging.getLogger("vmlet.cri")
 
-# <linux/mount.h>
-_MS_RDONLY = 0x1
-_MS_NOSUID = 0x2
-_MS_NODEV = 0x4
-_MS_NOEXEC = 0x8
-_MS_REMOUNT = 0x20
-_MS_BIND = 0x1000
-_MS_PRIVATE = 0x40000
+# <linux/mount.h>, <fcntl.h>; the new mount API's syscall numbers are the same on every architecture.
 _MNT_DETACH = 0x2
 _UMOUNT_NOFOLLOW = 0x8
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_OPEN_TREE_CLONE = 0x1
+_MOUNT_ATTR_RDONLY = 0x1
+_MS_PRIVATE = 0x40000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442  # Linux 5.12
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
@@ -165,9 +166,13 @@ def share_source(vm_dir: Path, share: Share) -> str:
 def prepare(vm_dir: Path, shares: Sequence[Share]) -> None:
     """Make the read-only bind mounts of `shares` under `vm_dir` (idempotent).
 
-    Each is a private mount: a bind of a shared mount would join its peer
-    group, so later host mounts under the volume would appear in it
-    (writable) and unmounting it would unmount the originals.
+    Each is cloned detached, made read-only, then attached (the kernel's
+    open_tree/mount_setattr/move_mount): it is never writable anywhere. With
+    bind-then-remount, a state dir on a shared mount (the node DaemonSet's
+    Bidirectional /var/lib/vmlet) would hand libvirtd's virtiofsd a copy of
+    the bind while still writable. The clone is not in the volume's
+    propagation peer group, so later host mounts under the volume don't show
+    up in it and detaching it leaves the host's mounts alone.
     """
     for share in shares:
         if not share.guest.read_only:
@@ -176,21 +181,12 @@ def prepare(vm_dir: Path, shares: Sequence[Share]) -> None:
         if _is_mountpoint(target):
             if _read_only(target):
                 continue
-            _umount(str(target))  # left writable by a crash half-way: redo it
+            _umount(str(target))  # not ours (or a broken one): redo it
         try:
-            # The source's nosuid/nodev/noexec are kept: dropping them needs privileges and widens access.
-            flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _mount_flags(share.host_dir)
             target.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise VolumeMountError(f"cannot prepare {target}: {e.strerror}") from None
-        _mount(share.host_dir, str(target), None, _MS_BIND)
-        try:
-            _mount(None, str(target), None, _MS_PRIVATE)
-            # A bind mount takes the read-only flag only on a remount.
-            _mount(None, str(target), None, flags)
-        except VolumeMountError:
-            _umount(str(target))
-            raise
+        _attach_read_only_clone(share.host_dir, str(target))
 
 
 def release(vm_dir: Path) -> None:
@@ -219,11 +215,37 @@ def unmount_under(directory: Path) -> None:
         raise VolumeMountError(f"still mounted under {directory}: {', '.join(sorted(left))}")
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    if _libc.mount(source.encode() if source else None, target.encode(),
-                   fstype.encode() if fstype else None, flags, None) != 0:
+class _MountAttr(ctypes.Structure):  # struct mount_attr, <linux/mount.h>
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _syscall(nr: int, *args) -> int:
+    ret = _libc.syscall(ctypes.c_long(nr), *args)
+    if ret < 0:
         err = ctypes.get_errno()
-        raise VolumeMountError(f"cannot bind-mount {source or target} at {target}: {os.strerror(err)}")
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _attach_read_only_clone(source: str, target: str) -> None:
+    """A read-only bind of `source` (nosuid/nodev/noexec kept) attached at `target`, atomically."""
+    try:
+        fd = _syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), source.encode(),
+                      ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC))
+    except OSError as e:
+        raise VolumeMountError(f"cannot bind-mount {source}: {e.strerror}") from None
+    try:
+        # Private: a clone of a shared mount would stay in its peer group.
+        attr = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY, propagation=_MS_PRIVATE)
+        _syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(_AT_EMPTY_PATH),
+                 ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        _syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD), target.encode(),
+                 ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
+    except OSError as e:
+        raise VolumeMountError(f"cannot bind-mount {source} read-only at {target}: {e.strerror}") from None
+    finally:
+        os.close(fd)  # a clone never attached goes away with its last fd
 
 
 def _umount(target: str) -> None:
@@ -238,15 +260,6 @@ def _read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def _mount_flags(path: str) -> int:
-    vfs = os.statvfs(path)
-    flags = 0
-    for st_flag, ms_flag in ((os.ST_NOSUID, _MS_NOSUID), (os.ST_NODEV, _MS_NODEV), (os.ST_NOEXEC, _MS_NOEXEC)):
-        if vfs.f_flag & st_flag:
-            flags |= ms_flag
-    return flags
 
 
 def _unescape(field: str) -> str:

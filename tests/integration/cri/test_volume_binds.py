@@ -82,3 +82,32 @@ def test_a_writable_leftover_at_the_target_is_redone_read_only(shared_volume: Pa
     assert sorted(pod_volumes._mountpoints_under(vm)) == [str(target)]
     pod_volumes.release(vm)
     assert not pod_volumes._mountpoints_under(vm)
+
+
+def test_a_state_dir_on_a_shared_mount_propagates_only_the_read_only_bind(
+        shared_volume: Path, vmlet_dir: Path):
+    """The node DaemonSet: vmlet's /var/lib/vmlet is Bidirectional, libvirtd sees it HostToContainer.
+    Here `state` is a shared mount and `libvirtd_view` a peer of it: libvirtd's virtiofsd must only
+    ever see the read-only bind, and detaching it in vmlet's view must detach libvirtd's copy too."""
+    state, libvirtd_view = vmlet_dir / "state", vmlet_dir / "libvirtd-view"
+    state.mkdir()
+    libvirtd_view.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vmlet-test-state", str(state)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(state)], check=True)
+        subprocess.run(["mount", "--bind", str(state), str(libvirtd_view)], check=True)
+        share = share_of(shared_volume)
+        pod_volumes.prepare(state / "vm", [share])
+        seen_by_libvirtd = libvirtd_view / Path(pod_volumes.share_source(state / "vm", share)).relative_to(state)
+        assert mounted(seen_by_libvirtd) and (seen_by_libvirtd / "data").read_text() == "original\n"
+        assert os.statvfs(seen_by_libvirtd).f_flag & os.ST_RDONLY
+        with pytest.raises(OSError) as e:
+            (seen_by_libvirtd / "new").write_text("x")
+        assert e.value.errno == errno.EROFS
+
+        pod_volumes.unmount_under(state / "vm")
+        assert not mounted(seen_by_libvirtd), "the copy in libvirtd's view must go with vmlet's"
+        assert (shared_volume / "data").read_text() == "original\n"
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(libvirtd_view)], check=False)
+        subprocess.run(["umount", "-R", "-l", str(state)], check=False)
