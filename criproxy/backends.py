@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -78,6 +78,21 @@ class Backend:
     def unary(self, path: str, request: bytes, timeout: float | None) -> bytes:
         try:
             return self.callable("unary_unary", path)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self.error(e) from None
+
+    def unary_cancellable(self, path: str, request: bytes, timeout: float | None,
+                          add_callback: Callable[[Callable[[], None]], bool]) -> bytes:
+        """As unary(), but the call is a future that `add_callback` (the server context's) cancels when the
+        proxy's own call ends first: the kubelet cancelling a PullImage or StopContainer cancels it here
+        too. add_callback returning False means that call is over already: cancel at once."""
+        fut = self.callable("unary_unary", path).future(request, timeout=timeout)
+        if not add_callback(fut.cancel):
+            fut.cancel()
+        try:
+            return fut.result()
+        except grpc.FutureCancelledError:
+            raise BackendError(self.name, grpc.StatusCode.CANCELLED, "cancelled by the caller") from None
         except grpc.RpcError as e:
             raise self.error(e) from None
 

@@ -28,7 +28,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
-import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
@@ -70,16 +69,33 @@ def load_config(args) -> dict:
     }
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+GRACE = 5  # seconds the calls in progress get to finish on SIGTERM/SIGINT
+
+
 def _serve(cfg: dict) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (calls in progress get GRACE seconds);
+    a second signal meanwhile exits at once.
+
+    The signals are blocked in every thread and taken with sigwait() by this one: no Python signal
+    handler runs (one that sets a threading.Event can deadlock on the Event's lock), and gRPC's
+    threads, made by serve(), inherit the mask, so the kernel never hands them a signal either."""
     from criproxy.server import serve
+    log = logging.getLogger("criproxy")
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     server, proxy = serve(cfg["listen"], cfg["backends"], cfg["default"])
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    logging.getLogger("criproxy").info("stopping")
-    server.stop(grace=5).wait()
-    proxy.close()
+    sig = signal.sigwait(STOP_SIGNALS)
+    log.info("%s: stopping (calls in progress get %d s; a second signal stops at once)",
+             signal.Signals(sig).name, GRACE)
+    stopped = server.stop(grace=GRACE)
+    while not stopped.is_set():
+        info = signal.sigtimedwait(STOP_SIGNALS, 0.1)
+        if info is not None:
+            log.warning("%s again: exiting now", signal.Signals(info.si_signo).name)
+            logging.shutdown()
+            os._exit(128 + info.si_signo)
+    proxy.close()  # closing the channels also ends handlers still waiting on a backend
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

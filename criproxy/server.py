@@ -49,6 +49,21 @@ SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_s
 # period, a VM's RunPodSandbox takes seconds, GetContainerEvents lasts as long as the kubelet
 # listens), and the pool makes threads only as calls need them: a high cap keeps calls from queueing.
 MAX_CALLS = 256
+# Calls that can take long: forwarded as a grpc future that the kubelet's cancellation (or its deadline
+# passing) cancels on the backend too. A future costs ~0.4 ms more than a blocking call, so the short
+# calls (Version, List*, *Status, ...) block: they have deadlines and end soon anyway.
+CANCELLABLE = {"RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "CreateContainer", "StartContainer",
+               "StopContainer", "RemoveContainer", "ExecSync", "CheckpointContainer", "PullImage", "RemoveImage"}
+# grpcio's sync server reports "no deadline" (the kubelet sets none on PullImage and GetContainerEvents)
+# as a remaining time of ~9.2e18 s; passed on as a backend call's timeout it overflows into an instant
+# DEADLINE_EXCEEDED. Anything longer than this (~31 years) is no deadline.
+NO_DEADLINE = 1e9
+
+
+def _timeout(context) -> float | None:
+    """The kubelet's remaining time, as the backend call's timeout: None if its call has no deadline."""
+    t = context.time_remaining()
+    return None if t is None or t > NO_DEADLINE else t
 
 
 def _cls(desc):
@@ -97,10 +112,14 @@ class Proxy:
 
     # ------------------------------------------------------------ calling the backends
 
-    def _unary(self, name: str, path: str, req: bytes, context) -> bytes:
-        """One backend's answer; its failure aborts the kubelet's call with the backend's code."""
+    def _unary(self, name: str, path: str, req: bytes, context, cancellable: bool = False) -> bytes:
+        """One backend's answer; its failure aborts the kubelet's call with the backend's code.
+        `cancellable`: the kubelet's call ending first (cancelled, deadline) cancels the backend's."""
+        backend = self.backends[name]
         try:
-            return self.backends[name].unary(path, req, context.time_remaining())
+            if cancellable:
+                return backend.unary_cancellable(path, req, _timeout(context), context.add_callback)
+            return backend.unary(path, req, _timeout(context))
         except BackendError as e:
             context.abort(e.code, e.details)
 
@@ -121,10 +140,12 @@ class Proxy:
         """All messages of each backend's server stream, per backend in plan order. Every call is started
         first (the backends work concurrently), then drained in order, so the first failure raised is
         the first in plan order, as for unary fan-outs."""
-        calls = [(self.backends[b], self.backends[b].stream(path, r, timeout)) for b, r in plan]
+        calls = []
         try:
+            for b, r in plan:
+                calls.append((self.backends[b], self.backends[b].stream(path, r, timeout)))
             return [list(backend.iterate(call)) for backend, call in calls]
-        finally:
+        finally:  # also the calls already started when starting a later one failed
             for _, call in calls:
                 call.cancel()
 
@@ -157,6 +178,7 @@ class Proxy:
             else:
                 fn = self._default_stream(path, resp_cls)
             return grpc.unary_stream_rpc_method_handler(fn)
+        cancellable = name in CANCELLABLE
         if name == "RunPodSandbox":
             fn = self._run_sandbox(path, req_cls, resp_cls)
         elif name == "Status":
@@ -170,25 +192,30 @@ class Proxy:
         elif name == "ListImages":
             fn = self._list_images(path, req_cls, resp_cls, streaming=False)
         elif name in IMAGE_BY_NAME:
-            fn = self._by_image(path, req_cls, resp_cls)
+            fn = self._by_image(path, req_cls, resp_cls, cancellable)
         elif route_field:
-            fn = self._by_id(path, req_cls, resp_cls, route_field)
+            fn = self._by_id(path, req_cls, resp_cls, route_field, cancellable)
         elif name.startswith("List"):
             fn = self._list(path, req_cls, resp_cls, has_filter, streaming=False)
         else:
-            fn = self._default(path)
+            fn = self._default(path, cancellable)
         return grpc.unary_unary_rpc_method_handler(fn)
 
     # -- default backend, raw
 
-    def _default(self, path):
+    def _default(self, path, cancellable: bool = False):
+        if cancellable:
+            def handle_cancellable(raw: bytes, context):
+                return self._unary(self.routes.default, path, raw, context, cancellable=True)
+            return handle_cancellable
+
         # The hot path (Version, RuntimeConfig, ...): the multicallable is looked up once, here.
         backend = self.backends[self.routes.default]
         call = backend.callable("unary_unary", path)
 
         def handle(raw: bytes, context):
             try:
-                return call(raw, timeout=context.time_remaining())
+                return call(raw, timeout=_timeout(context))
             except grpc.RpcError as e:
                 err = backend.error(e)
                 context.abort(err.code, err.details)
@@ -197,8 +224,10 @@ class Proxy:
     def _stream_from(self, name: str, path: str, req: bytes, resp_cls, context):
         """Relay one backend's server stream, IDs prefixed for a non-default backend."""
         backend = self.backends[name]
-        call = backend.stream(path, req, context.time_remaining())
-        context.add_callback(call.cancel)  # the kubelet going away ends the backend's stream
+        call = backend.stream(path, req, _timeout(context))
+        if not context.add_callback(call.cancel):  # the kubelet going away ends the backend's stream
+            call.cancel()  # it is gone already
+            return
         try:
             for item in backend.iterate(call):
                 yield self.from_backend(name, resp_cls, item)
@@ -222,8 +251,10 @@ class Proxy:
 
         if server_streaming:
             def handle(request_iterator, context):
-                call = backend.callable("stream_stream", path)(request_iterator, timeout=context.time_remaining())
-                context.add_callback(call.cancel)
+                call = backend.callable("stream_stream", path)(request_iterator, timeout=_timeout(context))
+                if not context.add_callback(call.cancel):
+                    call.cancel()
+                    return
                 try:
                     yield from call
                 except grpc.RpcError as e:
@@ -233,19 +264,24 @@ class Proxy:
             return grpc.stream_stream_rpc_method_handler(handle)
 
         def unary(request_iterator, context):
+            fut = backend.callable("stream_unary", path).future(request_iterator, timeout=_timeout(context))
+            if not context.add_callback(fut.cancel):
+                fut.cancel()
             try:
-                return backend.callable("stream_unary", path)(request_iterator, timeout=context.time_remaining())
+                return fut.result()
+            except grpc.FutureCancelledError:
+                context.abort(grpc.StatusCode.CANCELLED, "cancelled")
             except grpc.RpcError as e:
                 abort(context, e)
         return grpc.stream_unary_rpc_method_handler(unary)
 
     # -- routed by one ID
 
-    def _by_id(self, path, req_cls, resp_cls, field):
+    def _by_id(self, path, req_cls, resp_cls, field, cancellable: bool):
         def handle(raw: bytes, context):
             req = req_cls.FromString(raw)
             name, _ = self.routes.split_id(getattr(req, field))
-            resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context)
+            resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context, cancellable)
             return self.from_backend(name, resp_cls, resp)
         return handle
 
@@ -264,15 +300,15 @@ class Proxy:
             except routing.UnknownRuntime as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             log.info("RunPodSandbox %s/%s -> %s", req.config.metadata.namespace, req.config.metadata.name, name)
-            resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context)
+            resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context, cancellable=True)
             return self.from_backend(name, resp_cls, resp)
         return handle
 
-    def _by_image(self, path, req_cls, resp_cls):
+    def _by_image(self, path, req_cls, resp_cls, cancellable: bool):
         def handle(raw: bytes, context):
             req = req_cls.FromString(raw)
             name, _ = self.routes.image_backend(req.image.image)
-            resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context)
+            resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context, cancellable)
             return self.from_backend(name, resp_cls, resp)
         return handle
 
@@ -301,9 +337,9 @@ class Proxy:
         messages in plan order, IDs prefixed for non-default backends."""
         try:
             if streaming:
-                results = self._collect_streams(path, plan, context.time_remaining())
+                results = self._collect_streams(path, plan, _timeout(context))
             else:
-                results = self._fan_out(path, plan, context.time_remaining())
+                results = self._fan_out(path, plan, _timeout(context))
         except BackendError as e:
             context.abort(e.code, e.details)
         if not streaming:
@@ -339,7 +375,7 @@ class Proxy:
         def handle(raw: bytes, context):
             names = self.routes.all
             try:
-                results = self._fan_out(path, [(b, raw) for b in names], context.time_remaining())
+                results = self._fan_out(path, [(b, raw) for b in names], _timeout(context))
             except BackendError as e:
                 context.abort(e.code, e.details)
             parts = []
@@ -354,7 +390,7 @@ class Proxy:
         """Every backend must accept it (UpdateRuntimeConfig: the pod CIDR); the default's answer is returned."""
         def handle(raw: bytes, context):
             try:
-                return self._fan_out(path, [(b, raw) for b in self.routes.all], context.time_remaining())[0]
+                return self._fan_out(path, [(b, raw) for b in self.routes.all], _timeout(context))[0]
             except BackendError as e:
                 context.abort(e.code, e.details)
         return handle
@@ -362,7 +398,7 @@ class Proxy:
     def _status(self, path):
         def handle(raw: bytes, context):
             names = self.routes.all
-            results = self._fan_out(path, [(b, raw) for b in names], context.time_remaining(), return_errors=True)
+            results = self._fan_out(path, [(b, raw) for b in names], _timeout(context), return_errors=True)
             parts = []
             for b, r in zip(names, results):
                 if isinstance(r, BackendError):
@@ -378,7 +414,8 @@ class Proxy:
         A thread per backend stream feeds one queue that this call's thread relays."""
         def handle(raw: bytes, context):
             events: queue.SimpleQueue = queue.SimpleQueue()
-            calls = [(b, b.stream(path, raw, context.time_remaining())) for b in self.backends]
+            calls = []
+            timeout = _timeout(context)
 
             def pump(backend, call):
                 try:
@@ -392,8 +429,16 @@ class Proxy:
                 for _, c in calls:
                     c.cancel()
 
+            try:
+                for b in self.backends:
+                    calls.append((b, b.stream(path, raw, timeout)))
+            except BaseException:
+                cancel()  # those already opened
+                raise
             # The kubelet going away ends the backends' streams, which ends the pumps and wakes this thread.
-            context.add_callback(cancel)
+            if not context.add_callback(cancel):
+                cancel()  # it is gone already
+                return
             for b, c in calls:
                 threading.Thread(target=pump, args=(b, c), name=f"events-{b.name}", daemon=True).start()
             remaining = len(calls)

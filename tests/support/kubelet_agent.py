@@ -57,7 +57,7 @@ AGENT_LABEL = "vmlet.test/kubelet-agent"  # on every sandbox the agent makes; va
 FINALIZER = "vmlet.test/kubelet-agent"
 FINAL = ("Succeeded", "Failed")
 API_TIMEOUT = 10  # seconds, every API request
-CRI_TIMEOUT = 180  # seconds; PullImage and RunPodSandbox of a VM under TCG take a while
+CRI_TIMEOUT = 180  # seconds; RunPodSandbox of a VM under TCG takes a while (PullImage has none)
 DEFAULT_GRACE = 30
 
 
@@ -399,7 +399,8 @@ class KubeletAgent:
             if policy == "Never":
                 raise RuntimeError(f"image {c['image']} is not present and imagePullPolicy is Never")
         self._did(f"PullImage {c['image']}")
-        return self.cri.images.PullImage(api_pb2.PullImageRequest(image=spec), timeout=CRI_TIMEOUT).image_ref
+        # No deadline, as the real kubelet (a pull takes what it takes; the kubelet only cancels it).
+        return self.cri.images.PullImage(api_pb2.PullImageRequest(image=spec)).image_ref
 
     def _teardown_sandbox(self, sandbox_id: str, grace: int | None, pod: dict[str, Any] | None = None) -> None:
         """Stop each container (grace: the pod's, else the one recorded on the container), remove all."""
