@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from cri_shim.network import names as netnames, netns
 from proto.runtime.v1 import api_pb2
-from tests.integration.vmapi.harness import vm_manifest
+from tests.integration.vmapi.harness import TIMEOUT_SCALE, vm_manifest, wait_for
 from tests.support import libvirt_env, netsupport
 from tests.support.kubelet_agent import KubeletAgent
 from vmapi import podspec
@@ -70,18 +70,12 @@ async def node(server, kubeconfig, proxy_process, vmlet, vmlet_dir, test_network
 
 
 async def until(pred, timeout: float, what: str, agent: KubeletAgent):
-    """Poll `pred` (sync or async) until truthy; on timeout say what the agent did and what failed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; agent did {agent.calls}; "
-                                 f"agent errors: {agent.errors[-5:]}")
-        await asyncio.sleep(0.1)
+    """harness.wait_for with `timeout` as given (these are a VM's boot times, not the emulator's), and on
+    timeout what the agent did and what failed."""
+    try:
+        return await wait_for(pred, timeout / TIMEOUT_SCALE, what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; agent did {agent.calls}; agent errors: {agent.errors[-5:]}") from None
 
 
 def log_match(path: Path, pattern: str) -> re.Match | None:
