@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,8 @@ storage:
       enabled: false
 http:
   addr: 127.0.0.1:{port}
+  headers:
+    X-Vmlet-Registry: [{run}]
 """
 
 
@@ -97,7 +100,10 @@ class Registry:
         for _ in range(3):  # the free port can be taken between the probe and the bind
             self.port = _free_port()
             config = self.dir / "config.yml"
-            config.write_text(CONFIG.format(storage=self.dir / "storage", port=self.port))
+            # A header only this registry sends: the readiness probe must not take another run's
+            # registry that still holds the port for ours.
+            self.run_id = uuid.uuid4().hex
+            config.write_text(CONFIG.format(storage=self.dir / "storage", port=self.port, run=self.run_id))
             with open(self.log_file, "ab") as log:
                 # It dies with the test process even when that is SIGKILLed (setpriv sets the parent-death signal).
                 self.proc = subprocess.Popen([*_DIE_WITH_PARENT, self.binary, "serve", str(config)],
@@ -117,7 +123,7 @@ class Registry:
                 return False
             try:
                 with _HTTP.open(f"http://{self.host}/v2/", timeout=2) as r:
-                    if r.status == 200 and r.headers.get("Docker-Distribution-Api-Version") == "registry/2.0":
+                    if r.status == 200 and r.headers.get("X-Vmlet-Registry") == self.run_id:
                         return True
             except (urllib.error.URLError, OSError):
                 pass
