@@ -26,13 +26,13 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
         sb = rt.store.sandboxes.get(c.sandbox_id)
         if sb is None or sb.state != api_pb2.SANDBOX_READY:
             raise errors.failed_precondition(f"pod sandbox {c.sandbox_id} of container {c.id} is not ready")
+        files = vm_files(rt.config.vms_dir, c.id)
         try:
             # The read-only bind mounts made at create time are gone after a host reboot.
-            files = vm_files(rt.config.vms_dir, c.id)
             pod_volumes.prepare(files.dir, pod_volumes.load(files.volumes_record)[0])
             rt.host.start(c.domain_name)
         except (libvirt.libvirtError, LookupError, OSError, pod_volumes.VolumeMountError) as e:
-            pod_volumes.release(vm_files(rt.config.vms_dir, c.id).dir)
+            pod_volumes.release(files.dir)
             with rt.store_lock():
                 rt.store.update_container(dataclasses.replace(
                     rt.container(c.id), state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(),

@@ -6,6 +6,7 @@ import json
 
 from proto.runtime.v1 import api_pb2
 
+from . import pod_volumes
 from .filters import container_matches
 from .runtime import Runtime
 from .state import ContainerRecord
@@ -43,13 +44,6 @@ def _build_list_item(rt: Runtime, c: ContainerRecord) -> api_pb2.Container:
         state=c.state, created_at=c.created_at, labels=cfg.labels, annotations=cfg.annotations)
 
 
-def _volumes_info(files) -> dict:
-    try:
-        return json.loads(files.volumes_record.read_bytes())
-    except FileNotFoundError:  # created by an older vmlet
-        return {}
-
-
 def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb2.ContainerStatusResponse:
     c = rt.container(req.container_id)
     if c.state == api_pb2.CONTAINER_RUNNING:
@@ -67,7 +61,7 @@ def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb
             "cloudInitImage": str(files.cloud_init_iso),
             "consoleLog": str(files.console_log),
             # Pod volumes: directories shared over virtio-fs, and the mounts a VM can't take (files).
-            "volumes": _volumes_info(files),
+            "volumes": pod_volumes.read_record(files.volumes_record),
             # libvirt places QEMU in its own machine partition; the kubelet's cgroup parent for the pod
             # is not used (see README: resources). Reported so an operator sees where the VM's CPU goes.
             "cgroupParent": rt.sandbox_config(rt.store.sandboxes[c.sandbox_id]).linux.cgroup_parent

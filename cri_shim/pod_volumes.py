@@ -144,15 +144,21 @@ def record(shares: Sequence[Share], skipped: Sequence[Skipped]) -> bytes:
     }, indent=1, sort_keys=True).encode()
 
 
+def read_record(path: Path) -> dict:
+    """A volumes.json as written by `record`; {} if the file is missing (a VM of an older vmlet)."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+
+
 def load(path: Path) -> tuple[list[Share], list[dict]]:
     """(shares, skipped entries) from a volumes.json; nothing if the file is missing."""
     try:
-        data = json.loads(path.read_bytes())
+        data = read_record(path)
         shares = [Share(Mount(s["hostPath"], s["containerPath"], bool(s["readOnly"])), s["hostPath"])
                   for s in data.get("shares", [])]
         return shares, list(data.get("skipped", []))
-    except FileNotFoundError:
-        return [], []
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise VolumeMountError(f"{path} is unreadable or corrupt: {e}") from None
 

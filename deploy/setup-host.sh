@@ -44,13 +44,13 @@ POLICY_MARKER="# vmlet-setup-host: temporary policy-rc.d"
 own_policy() { [ -f "$POLICY_RC_D" ] && grep -qxF "$POLICY_MARKER" "$POLICY_RC_D" 2>/dev/null; }
 remove_own_policy() { ! own_policy || rm -f "$POLICY_RC_D"; }
 
-registry_installed() { dpkg-query -W -f='${Status}' docker-registry 2>/dev/null | grep -q "install ok installed"; }
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 registry_install_over() {
     # The end of an install of docker-registry by this script, however it ended: the policy-rc.d goes,
     # and if the package is in, its packaged service is kept off.
     remove_own_policy
-    if registry_installed; then registry_service_off; fi
+    if pkg_installed docker-registry; then registry_service_off; fi
 }
 
 remove_leftover_policy() {
@@ -66,7 +66,7 @@ install_packages() {
                 "${PKGS_TEST_REGISTRY[@]}")
     local missing=()
     for p in "${want[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        pkg_installed "$p" || missing+=("$p")
     done
     if [ ${#missing[@]} -eq 0 ]; then
         log "Debian packages: all ${#want[@]} present"

@@ -50,6 +50,12 @@ def _delete(ipr: IPRoute, ifname: str) -> bool:
     return True
 
 
+def _delete_all(*ifnames: str) -> list[str]:
+    """Delete the links, in order; returns those that existed."""
+    with IPRoute() as ipr:
+        return [name for name in ifnames if _delete(ipr, name)]
+
+
 def _ensure_bridge(ipr: IPRoute, name: str, mtu: int, alias: str | None = None) -> int:
     idx = _lookup(ipr, name)
     if idx is None:
@@ -94,12 +100,7 @@ def host_present(bridge: str, veth: str) -> bool:
 
 def host_delete(bridge: str, veth: str) -> list[str]:
     """Delete the veth (its pod-side peer goes with it) and the bridge; returns what existed."""
-    removed = []
-    with IPRoute() as ipr:
-        for name in (veth, bridge):
-            if _delete(ipr, name):
-                removed.append(name)
-    return removed
+    return _delete_all(veth, bridge)
 
 
 def host_links(tag: str) -> dict[str, list[str]]:
@@ -214,12 +215,7 @@ def pod_wired(binding: str) -> bool:
 
 def pod_unwire() -> list[str]:
     """Delete br0 and vm0 (eth0 is the CNI plugins' to delete)."""
-    removed = []
-    with IPRoute() as ipr:
-        for name in (POD_VM_VETH, POD_BRIDGE):
-            if _delete(ipr, name):
-                removed.append(name)
-    return removed
+    return _delete_all(POD_VM_VETH, POD_BRIDGE)
 
 
 def pod_links() -> list[str]:
