@@ -60,9 +60,10 @@ mounts
     `Mount` is a host directory shared into the VM over virtio-fs (virtlet's
     "fs-based" volumes, which virtlet shared over virtio-9p; see
     cri_shim/pod_volumes.py): `mounts:` gets `[tag, path, virtiofs,
-    defaults|ro,nofail, 0, 0]` and the mount script a line `if ! mountpoint
-    -q PATH; then mkdir -p PATH && mount -t virtiofs -o OPTS TAG PATH; fi`
-    (OPTS without `nofail`, which only fstab knows). The tag is `Mount.tag`,
+    defaults|ro,nofail, 0, 0]` and the mount script a line `if ! grep -qs
+    '^TAG ' /proc/mounts; then mkdir -p PATH && mount -t virtiofs -o OPTS TAG
+    PATH; fi` (OPTS without `nofail`, which only fstab knows; no `mountpoint`,
+    which many guests lack, e.g. Debian's busybox). The tag is `Mount.tag`,
     which the domain's `<filesystem>` must use. Not done: file mounts,
     block devices (flexvolume/PV) with their by-path mounts and symlink
     script, `VirtletChown9pfsMounts` (9p only: virtio-fs passes the host's
@@ -298,7 +299,10 @@ def mount_script(mounts: Sequence[Mount]) -> str:
     lines = ["#!/bin/sh"]
     for m in mounts:
         path = shlex.quote(m.container_path)
-        lines.append(f"if ! mountpoint -q {path}; then mkdir -p {path} && "
+        # "Already mounted?" is asked of /proc/mounts (grep is in every guest, `mountpoint` is not)
+        # by the share's tag, the source field of a virtio-fs mount: unlike the mount point it needs
+        # no octal escaping and stays right when the path runs through a symlink (/var/run -> /run).
+        lines.append(f"if ! grep -qs {shlex.quote('^' + m.tag + ' ')} /proc/mounts; then mkdir -p {path} && "
                      f"mount -t virtiofs -o {shlex.quote(m.options)} {shlex.quote(m.tag)} {path}; fi")
     return "\n".join(lines) + "\n"
 

@@ -2,12 +2,17 @@
 
 import io
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pycdlib
 import pytest
 import yaml
 
 from cri_shim import cloudinit
+from tests.support.prereq import require
 
 
 def read_iso(data: bytes) -> tuple[str, dict[str, bytes]]:
@@ -186,8 +191,8 @@ def test_mounts_entries_and_script():
     t0, t1 = mounts[0].tag, mounts[1].tag
     script = (
         "#!/bin/sh\n"
-        f"if ! mountpoint -q /data; then mkdir -p /data && mount -t virtiofs -o defaults {t0} /data; fi\n"
-        f"if ! mountpoint -q /etc/my_app-cfg; then mkdir -p /etc/my_app-cfg && "
+        f"if ! grep -qs '^{t0} ' /proc/mounts; then mkdir -p /data && mount -t virtiofs -o defaults {t0} /data; fi\n"
+        f"if ! grep -qs '^{t1} ' /proc/mounts; then mkdir -p /etc/my_app-cfg && "
         f"mount -t virtiofs -o ro {t1} /etc/my_app-cfg; fi\n"
     )
     assert cloud_config(data) == {
@@ -206,7 +211,65 @@ def test_mount_tag_is_stable_unique_and_short():
 
 def test_mount_script_quotes_paths():
     script = cloudinit.mount_script([Mount("/h", "/opt/it's$x")])
-    assert "mountpoint -q '/opt/it'\"'\"'s$x'" in script
+    assert "mkdir -p '/opt/it'\"'\"'s$x' && " in script
+    assert script.rstrip().endswith(" '/opt/it'\"'\"'s$x'; fi")
+
+
+# ---- the mount script run by a real shell, with only what a minimal guest has
+
+def _guest_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """A PATH of the machine's busybox applets without `mountpoint` (Debian's busybox, as in the test
+    image, has none; many guests lack it), and a `mount` that records its arguments instead of mounting."""
+    busybox = shutil.which("busybox")
+    require(busybox is not None, "busybox not installed (Debian: busybox-static)")
+    bin_dir, calls = tmp_path / "bin", tmp_path / "mount-calls"
+    bin_dir.mkdir()
+    listed = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in set(listed) - {"mountpoint", "mount"}:
+        (bin_dir / applet).symlink_to(busybox)
+    (bin_dir / "mount").write_text(f'#!{busybox} sh\necho "$*" >> {calls}\n')
+    (bin_dir / "mount").chmod(0o755)
+    return bin_dir, calls
+
+
+def _run_script(bin_dir: Path, script: Path, wrap: list[str] = ()) -> subprocess.CompletedProcess:
+    # The host's /bin/sh, not busybox's: busybox sh runs its own applets before PATH (a real mount).
+    argv = [*wrap, "env", "-i", f"PATH={bin_dir}", "/bin/sh", str(script)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def test_mount_script_needs_no_mountpoint_command():
+    script = cloudinit.mount_script([Mount("/h", "/data"), Mount("/h2", "/etc/cfg", read_only=True)])
+    assert "mountpoint" not in script
+
+
+def test_mount_script_runs_in_a_guest_without_mountpoint(tmp_path):
+    bin_dir, calls = _guest_bin(tmp_path)
+    data, cfg = tmp_path / "guest" / "data", tmp_path / "guest" / "it's$cfg"
+    mounts = [Mount("/h", str(data)), Mount("/h2", str(cfg), read_only=True)]
+    script = tmp_path / "mount-volumes.sh"
+    script.write_text(cloudinit.mount_script(mounts))
+    done = _run_script(bin_dir, script)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert data.is_dir() and cfg.is_dir()
+    assert calls.read_text().splitlines() == [f"-t virtiofs -o defaults {mounts[0].tag} {data}",
+                                              f"-t virtiofs -o ro {mounts[1].tag} {cfg}"]
+
+
+def test_mount_script_skips_a_share_already_mounted(tmp_path):
+    """Idempotent: a share whose tag is in /proc/mounts (cloud-init's fstab entry mounted it) is left alone.
+    The "share" is a tmpfs named by the tag, in a private mount namespace."""
+    require(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare (util-linux)")
+    bin_dir, calls = _guest_bin(tmp_path)
+    mounted, other = Mount("/h", str(tmp_path / "mounted")), Mount("/h2", str(tmp_path / "other"))
+    Path(mounted.container_path).mkdir()
+    script = tmp_path / "mount-volumes.sh"
+    script.write_text(cloudinit.mount_script([mounted, other]))
+    done = _run_script(bin_dir, script, wrap=[
+        "unshare", "-m", "--propagation", "private", "sh", "-c",
+        f'mount -t tmpfs {mounted.tag} {mounted.container_path} && exec "$@"', "sh"])
+    assert (done.returncode, done.stderr) == (0, "")
+    assert calls.read_text().splitlines() == [f"-t virtiofs -o defaults {other.tag} {other.container_path}"]
 
 
 @pytest.mark.parametrize("host,container", [
