@@ -13,7 +13,6 @@ sends more than it announced. Memory stays flat: one 1 MiB buffer, reused.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import http.client
 import logging
@@ -28,7 +27,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import SplitResult, urljoin
 
-from image_service.errors import DownloadError, ImageError, PolicyError, RemoteNotFound, RemoteRefused, StoreFull
+from image_service.errors import DownloadError, PolicyError, RemoteNotFound, RemoteRefused
+from image_service.store import store_error
 from image_service.translation import TLSConfig, Transport
 from image_service.urlpolicy import AddressPolicy, check_url
 
@@ -258,9 +258,8 @@ def _write_all(out: BinaryIO, data: memoryview) -> None:
             n = out.write(data)
             data = data[n:]
     except OSError as e:  # not a download error: the store's disk
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(f"the image store is full: {e.strerror}") from None
-        raise ImageError(f"cannot write to the image store: {e}") from None
+        name = getattr(out, "name", None)
+        raise store_error(e, name if isinstance(name, (str, Path)) else None) from None
 
 
 def _timeout(transport: Transport, deadline: float | None) -> float:

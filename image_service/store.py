@@ -69,15 +69,16 @@ class TempImage:
 
     def __init__(self, directory: Path):
         self.path = directory / f"pull-{secrets.token_hex(8)}"
-        self.file = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600),
-                         "wb", buffering=0)
+        # Opened by name ("x": O_EXCL) so that `file.name` tells a write error where it happened.
+        self.file = open(self.path, "xb", buffering=0)
+        os.chmod(self.path, 0o600)
         self.adopted = False
 
     def sync(self) -> None:
         try:
             os.fsync(self.file.fileno())
         except OSError as e:
-            raise _store_error(e) from None
+            raise store_error(e, self.path) from None
         self.file.close()
 
     def __enter__(self) -> TempImage:
@@ -140,7 +141,7 @@ class Store:
                     created = True
                     _fsync_dir(self.blobs)
             except OSError as e:
-                raise _store_error(e) from None
+                raise store_error(e, target) from None
             temp.adopted = True
             try:
                 self._record(image_id, size, fmt, virtual_size, source_url, name)
@@ -332,7 +333,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _store_error(e: OSError) -> ImageError:
+def mount_point(path: str | os.PathLike) -> str:
+    """The mount point of the file system `path` is on (the file system an operator has to free)."""
+    p = os.path.realpath(path)
+    while not os.path.ismount(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
+
+
+def store_error(e: OSError, path: str | os.PathLike | None = None) -> ImageError:
+    """An OS error writing the store: a full file system is RESOURCE_EXHAUSTED and names the file system."""
+    where = f" ({path})" if path is not None else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(f"the image store is full: {e.strerror}")
-    return ImageError(f"image store: {e}")
+        fs = f" on {mount_point(os.path.dirname(path))}" if path is not None else ""
+        return StoreFull(f"the image store's file system{fs} is full: {e.strerror} writing {path or 'the store'}")
+    return ImageError(f"image store: cannot write{where}: {e.strerror or e}")

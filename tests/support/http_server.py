@@ -3,13 +3,17 @@
 Tests register routes; each route says what the server does for one path:
 serve a file (streamed, with a correct Content-Length), redirect, answer with
 an error status, send fewer bytes than Content-Length promises, lie about the
-length, or dribble bytes slowly. Image service tests use the hostile routes;
-every request is recorded so tests can count downloads.
+length, dribble bytes slowly, or send part of a file and stall there (so a
+test can `kill()` the server in the middle of a download, and `start()` it
+again on the same port). Image service tests use the hostile routes; every
+request is recorded so tests can count downloads.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # file | redirect | status | truncate | slow | bytes
+    kind: str  # file | redirect | status | truncate | slow | bytes | stall
     path: Path | None = None
     data: bytes = b""
     location: str = ""
@@ -74,6 +78,11 @@ class _Handler(BaseHTTPRequestHandler):
             elif route.kind == "truncate":
                 self.wfile.write(f.read(route.truncate_at))
                 self.close_connection = True
+            elif route.kind == "stall":
+                self.wfile.write(f.read(route.truncate_at))
+                self.wfile.flush()
+                owner.stalled.set()
+                owner._killed.wait()  # until the server dies under the client
             elif route.kind == "slow":
                 while chunk := f.read(4096):
                     self.wfile.write(chunk)
@@ -103,6 +112,16 @@ class _Server(ThreadingHTTPServer):
         # Clients hanging up mid-transfer (truncation and timeout tests) are expected.
         pass
 
+    def process_request(self, request, client_address) -> None:
+        with self.owner._lock:
+            self.owner._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self.owner._lock:
+            self.owner._open.discard(request)
+        super().shutdown_request(request)
+
 
 class ImageServer:
     """Start with `start()`, stop with `stop()`; `url(path)` gives a full URL."""
@@ -113,24 +132,44 @@ class ImageServer:
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0  # kept across kill(): start() comes back on the same port (the URLs stay valid)
+        self._open: set[socket.socket] = set()
+        self._killed = threading.Event()
+        self.stalled = threading.Event()  # a "stall" route has sent its bytes and waits
 
     def start(self) -> "ImageServer":
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._killed.clear()
+        self.stalled.clear()
+        self._httpd = _Server(("127.0.0.1", self._port), _Handler)
         self._httpd.owner = self
+        self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="image-http", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        self._killed.set()  # release stalled handlers
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
 
+    def kill(self) -> None:
+        """Die the way a crashed server does: stop listening and reset every open connection (RST)."""
+        with self._lock:
+            conns = list(self._open)
+        for conn in conns:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.stop()
+
     @property
     def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
+        assert self._port, "server not started"
+        return self._port
 
     @property
     def host(self) -> str:
@@ -166,6 +205,11 @@ class ImageServer:
 
     def truncate(self, path: str, file: Path, at: int) -> str:
         self.routes[path] = Route("truncate", path=Path(file), truncate_at=at)
+        return self.url(path)
+
+    def stall(self, path: str, file: Path, at: int) -> str:
+        """Announce the whole file, send its first `at` bytes, then wait until the server is killed."""
+        self.routes[path] = Route("stall", path=Path(file), truncate_at=at)
         return self.url(path)
 
     def slow(self, path: str, file: Path, delay_per_4k: float) -> str:
