@@ -15,12 +15,15 @@ listable by it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from image_service.store import mount_point
 
 from . import pod_volumes
 
@@ -92,13 +95,21 @@ def create_root_overlay(files: VMFiles, base: Path, base_format: str, size_bytes
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via a temporary file and rename; raises VolumeError (naming a full file system) and leaves no temp."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.chmod(mode)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VolumeError(f"the file system on {mount_point(path.parent)} is full: {e.strerror} "
+                              f"writing {path}") from None
+        raise VolumeError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def remove_vm_files(files: VMFiles) -> None:
