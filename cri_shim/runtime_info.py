@@ -1,13 +1,27 @@
-"""Version, Status, RuntimeConfig, UpdateRuntimeConfig."""
+"""Version, Status, RuntimeConfig, UpdateRuntimeConfig.
+
+Status is also where a dead per-pod DHCP server is noticed while vmlet runs:
+the kubelet polls Status every few seconds (its runtime health check), and
+checking that each ready pod's dnsmasq is alive costs a pidfile and a /proc
+read. A dead one is restarted by the network manager's `ensure` on a worker
+thread, so Status never waits on a pod's network lock (held through CNI calls
+of a pod being torn down) and `ensure` decides, under that lock, whether the
+pod still wants a DHCP server at all.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 
 from proto.runtime.v1 import api_pb2
 
 from .main import package_version
+from .network import NetworkError, dhcp
 from .runtime import Runtime
+
+log = logging.getLogger("vmlet.cri")
 
 CRI_VERSION = "0.1.0"  # the kubelet checks this value for the v1 API
 RUNTIME_NAME = "vmlet"
@@ -18,7 +32,45 @@ def version(_rt: Runtime, _req: api_pb2.VersionRequest) -> api_pb2.VersionRespon
                                    runtime_version=package_version(), runtime_api_version="v1")
 
 
+class _DHCPRepair:
+    """Restarts dead dnsmasq processes of ready pods, one pod at a time, off the RPC thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+
+    def check(self, rt: Runtime) -> None:
+        for sb in list(rt.store.sandboxes.values()):
+            if sb.state == api_pb2.SANDBOX_READY and dhcp.running_pid(rt.network.pidfile(sb.id)) is None:
+                self._schedule(rt, sb.id)
+
+    def _schedule(self, rt: Runtime, sandbox_id: str) -> None:
+        with self._lock:
+            if sandbox_id in self._pending:
+                return
+            self._pending.add(sandbox_id)
+        threading.Thread(target=self._repair, args=(rt, sandbox_id), name=f"dhcp-repair-{sandbox_id[:8]}",
+                         daemon=True).start()
+
+    def _repair(self, rt: Runtime, sandbox_id: str) -> None:
+        try:
+            repaired = rt.network.ensure(sandbox_id)  # a no-op for a pod being stopped or removed
+            if repaired:
+                log.warning("sandbox %s: its network had to be repaired: %s", sandbox_id[:12], ", ".join(repaired))
+        except (NetworkError, OSError, ValueError) as e:
+            log.warning("sandbox %s: cannot repair its network: %s", sandbox_id[:12], e)
+        except Exception:  # noqa: BLE001 - a worker thread: log the bug, Status goes on
+            log.exception("sandbox %s: repairing its network failed", sandbox_id[:12])
+        finally:
+            with self._lock:
+                self._pending.discard(sandbox_id)
+
+
+_dhcp_repair = _DHCPRepair()
+
+
 def status(rt: Runtime, req: api_pb2.StatusRequest) -> api_pb2.StatusResponse:
+    _dhcp_repair.check(rt)
     ok, why = rt.host.alive()
     runtime_ready = api_pb2.RuntimeCondition(type="RuntimeReady", status=ok)
     if not ok:
