@@ -62,3 +62,33 @@ class StoreFull(ImageError):
 class ImageNotFound(ImageError):
     """A holder asked for an image the store does not have (in-process API for the shim)."""
     code = grpc.StatusCode.NOT_FOUND
+
+
+# --- echoing request values in status messages ------------------------------------------------------------------
+# A status message travels as the grpc-message header: clients refuse headers past a few KiB (Python's grpc: an
+# 8 KiB soft and 16 KiB hard limit, after percent-encoding, which can triple non-ASCII text). So a value from a
+# request is echoed shortened, and every message is capped where it leaves the server.
+
+SHOW_CHARS = 64
+MAX_STATUS_MESSAGE_BYTES = 2048
+
+
+def shorten(value: object, limit: int = SHOW_CHARS) -> str:
+    """repr() of a request value, cut to `limit` characters with the full length said: 'abc…'…(65536 chars)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}…({len(value)} chars)"
+    if isinstance(value, bytes) and len(value) > limit:
+        return f"{value[:limit]!r}…({len(value)} bytes)"
+    text = repr(value)
+    return text if len(text) <= 4 * limit else f"{text[:4 * limit]}…({len(text)} chars)"
+
+
+def status_message(message: str, max_bytes: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` made safe for the grpc-message header: valid UTF-8, at most `max_bytes` bytes."""
+    # Lone surrogates cannot be encoded: grpc would fail to send the status at all.
+    data = str(message).encode("utf-8", "backslashreplace")
+    if len(data) <= max_bytes:
+        return data.decode("utf-8")
+    suffix = f"…(message truncated, {len(data)} bytes)"
+    head = data[:max_bytes - len(suffix.encode())].decode("utf-8", "ignore")  # never half a character
+    return head + suffix

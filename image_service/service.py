@@ -1,7 +1,10 @@
 """The CRI ImageService servicer: thin; each RPC validates, asks the store or the puller, answers.
 
-CRI semantics kept: ImageStatus of an unknown image is an empty response, RemoveImage of an unknown image
-succeeds. Images are found by repo tag, repo digest, `sha256:<hex>`, `<hex>` or a unique id prefix.
+CRI semantics kept (containerd's): ImageStatus of an unknown image is an empty response, a ListImages filter naming
+no image lists none, RemoveImage of an unknown image succeeds. For ImageStatus and ListImages a name vmlet can
+never hold (another registry's, or not a valid `virtlet.cloud/` name) is such an unknown image; PullImage refuses it
+with the reason, and so does RemoveImage (a removal of what cannot be an image is the caller's mistake).
+Images are found by repo tag, repo digest, `sha256:<hex>`, `<hex>` or a unique id prefix.
 Errors carry the gRPC code of their class (see errors.py); anything unexpected is INTERNAL with its message,
 and the server keeps serving.
 """
@@ -10,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from pathlib import Path
 
 import grpc
 
-from image_service.errors import ImageError, InvalidName
+from image_service import names
+from image_service.errors import ImageError, InvalidName, status_message
 from image_service.fetch import Fetcher
 from image_service.pull import Puller
 from image_service.store import Image, Store
@@ -26,6 +31,9 @@ from proto.runtime.v1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger("vmlet.image")
 
+# An image id as the store resolves it: `sha256:<hex>`, `<hex>` or a prefix of it.
+_ID_RE = re.compile(r"(?:sha256:)?[0-9a-f]{1,64}", re.ASCII)
+
 
 def _rpc(method):
     @functools.wraps(method)
@@ -33,10 +41,10 @@ def _rpc(method):
         try:
             return method(self, request, context)
         except ImageError as e:
-            context.abort(e.code, str(e))
+            context.abort(e.code, status_message(str(e)))
         except Exception as e:  # a bug: say so, keep serving
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, status_message(f"{method.__name__}: {type(e).__name__}: {e}"))
     return wrapper
 
 
@@ -62,6 +70,17 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
     def release(self, image_id: str, holder: str) -> None:
         self.store.release(image_id, holder)
 
+    def _lookup(self, ref: str) -> Image | None:
+        """The stored image `ref` names; None also when `ref` cannot name an image of vmlet's at all."""
+        if names.is_name(ref):
+            try:
+                names.parse(ref)
+            except InvalidName:
+                return None
+        elif not _ID_RE.fullmatch(ref):
+            return None
+        return self.store.get(ref)  # InvalidName only for an ambiguous id prefix
+
     # ------------------------------------------------------------ RPCs
 
     @_rpc
@@ -71,8 +90,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
 
     @_rpc
     def ImageStatus(self, request, context):
-        ref = _image_field(request.image)
-        image = self.store.get(ref)
+        image = self._lookup(_image_field(request.image))
         if image is None:
             return api_pb2.ImageStatusResponse()
         info = {"info": self.store.info(image)} if request.verbose else {}
@@ -81,7 +99,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
     @_rpc
     def ListImages(self, request, context):
         ref = request.filter.image.image if request.HasField("filter") else ""
-        images = [self.store.get(ref)] if ref else self.store.list()
+        images = [self._lookup(ref)] if ref else self.store.list()
         return api_pb2.ListImagesResponse(images=[_to_cri(i) for i in images if i is not None])
 
     def StreamImages(self, request, context):
