@@ -1,6 +1,6 @@
 """Benchmark: RunPodSandbox → boot marker in the CRI log, vs a bare QEMU boot of the same image.
 
-    .venv/bin/python bench/cri_boot.py [--runs 3]
+    .venv/bin/python bench/cri_boot.py [--runs 3] [--quick]
 
 Baseline: `qemu-system-x86_64` started directly on a snapshot of the test
 image, with its serial console in a file, until the guest prints its boot
@@ -8,11 +8,15 @@ marker. vmlet: the kubelet's sequence through the CRI socket (RunPodSandbox,
 CreateContainer, StartContainer) until the same marker appears in the
 container's CRI log. Same image, memory and accelerator, same run; the best of
 --runs counts for each. It reports; it does not assert (target ≤ 1.25×).
+The pods get a CNI network of the bench's own (bridge + host-local on a
+private range, no NAT, no route out of the machine; the node's
+/etc/cni/net.d is not used), so it runs on a fresh machine after the set-up.
+It removes what it made (pods, domains, pod networks) and exits non-zero if
+anything is left.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -23,8 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cli import BenchArgs, print_ratio  # noqa: E402
+from cri_shim import pod_volumes  # noqa: E402
+from cri_shim.network import NetworkManager, netns  # noqa: E402
+from cri_shim.network.names import netns_name  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
-from tests.support import cri, images, libvirt_env  # noqa: E402
+from tests.support import cri, images, libvirt_env, netsupport  # noqa: E402
 from tests.support.http_server import ImageServer  # noqa: E402
 
 MARKER = b"VMLET-TESTVM: boot marker"
@@ -54,52 +62,82 @@ def bare_qemu(image: Path, accel: str) -> float:
             proc.wait()
 
 
-def vmlet_boot(client, work: Path, n: int) -> float:
+def vmlet_boot(client, work: Path, n: int, sandboxes: list[str]) -> float:
     rt = client.runtime
     pod = cri.pod_config(name=f"bench-{n}", log_directory=str(work / "pods" / str(n)))
     start = time.monotonic()
-    sid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
-    cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
-        pod_sandbox_id=sid, config=cri.container_config("virtlet.cloud/testvm"), sandbox_config=pod)).container_id
-    rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+    sid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=TIMEOUT).pod_sandbox_id
+    sandboxes.append(sid)
     try:
+        cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
+            pod_sandbox_id=sid, config=cri.container_config("virtlet.cloud/testvm"), sandbox_config=pod),
+            timeout=TIMEOUT).container_id
+        rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=TIMEOUT)
         wait_marker(work / "pods" / str(n) / "vm" / "0.log", start + TIMEOUT)
         return time.monotonic() - start
     finally:
-        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=TIMEOUT)
+
+
+def leftovers(conn, state_dir: Path, network: netsupport.TestNetwork, conf_dir: Path,
+              sandboxes: list[str]) -> list[str]:
+    """What the run left once the daemon is stopped (all of it removed here): domains, pod
+    networks, dnsmasq, pod IPs. The bench's CNI bridge goes with the network."""
+    left = libvirt_env.sweep(conn)  # this run's domains (libvirt_env.RUN_PREFIX) and dead test runs'
+    if state_dir.exists():
+        pod_volumes.unmount_under(state_dir)
+        left += NetworkManager(state_dir, conf_dir, [netsupport.CNI_BIN_DIR]).sweep([])
+    left += [f"netns of sandbox {sid}" for sid in sandboxes if netns.exists(netns.path_of(netns_name(sid)))]
+    left += [f"pod IP {ip}" for ip in network.allocated_ips()]
+    return left + [x for x in netsupport.leftovers() if x != f"link {network.bridge}"]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    cli = BenchArgs(__doc__)
+    cli.count("--runs", 3, 1, "boots of each kind; the best counts")
+    args = cli.parse()
     accel = "tcg" if libvirt_env.DOMAIN_TYPE == "qemu" else "kvm"
     image = images.build_test_image()
+    conn = libvirt_env.connect()
     libvirt_env.WORK_ROOT.mkdir(parents=True, exist_ok=True)
     libvirt_env.WORK_ROOT.chmod(0o755)
-    work = Path(tempfile.mkdtemp(prefix="bench-", dir=libvirt_env.WORK_ROOT))
+    # STATE_MARK in the path marks the pods' dnsmasq (its pid file is in the state dir) as this process's.
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{netsupport.STATE_MARK}-", dir=libvirt_env.WORK_ROOT))
     work.chmod(0o711)
     server = ImageServer().start()
-    config = work / "vmlet.yaml"
-    cri.write_config(config, work / "state", work / "vmlet.sock",
-                     cri.translations_for(work / "t.yaml", {"testvm": server.serve_file("/t.qcow2", image)}),
-                     log_level="warning")
-    daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
+    sandboxes: list[str] = []
+    bare, ours = [], []
     try:
-        client = daemon.start()
-        client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image="virtlet.cloud/testvm")))
-        bare, ours = [], []
-        for n in range(args.runs):  # interleaved, so load changes hit both alike
-            bare.append(bare_qemu(image, accel))
-            ours.append(vmlet_boot(client, work, n))
+        with netsupport.private_network(work, "vmlet-bench") as (network, conf_dir):
+            config = work / "vmlet.yaml"
+            cri.write_config(config, work / "state", work / "vmlet.sock",
+                             cri.translations_for(work / "t.yaml", {"testvm": server.serve_file("/t.qcow2", image)}),
+                             log_level="warning", cni_conf_dir=str(conf_dir), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
+            daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
+            try:
+                client = daemon.start()
+                client.images.PullImage(api_pb2.PullImageRequest(
+                    image=api_pb2.ImageSpec(image="virtlet.cloud/testvm")), timeout=TIMEOUT)
+                for n in range(args.runs):  # interleaved, so load changes hit both alike
+                    bare.append(bare_qemu(image, accel))
+                    ours.append(vmlet_boot(client, work, n, sandboxes))
+            except BaseException:
+                print(f"vmlet's log (tail):\n{daemon.log()[-3000:]}", file=sys.stderr)
+                raise
+            finally:
+                daemon.stop()
+                left = leftovers(conn, work / "state", network, conf_dir, sandboxes)
     finally:
-        daemon.stop()
         server.stop()
+        conn.close()
         subprocess.run(["rm", "-rf", str(work)])
-    print(f"accelerator: {accel}, runs: {args.runs}")
+    print(f"accelerator: {accel}, runs: {args.runs}, CNI network {network.name} {network.subnet}")
     print(f"bare qemu-system-x86_64 to boot marker: best {min(bare):.2f}s  median {statistics.median(bare):.2f}s")
     print(f"vmlet RunPodSandbox to marker in CRI log: best {min(ours):.2f}s  median {statistics.median(ours):.2f}s")
-    print(f"ratio vmlet/bare (best): {min(ours) / min(bare):.2f}x  (target <= 1.25x)")
+    print_ratio("vmlet/bare (best)", min(ours) / min(bare), "target <= 1.25x")
+    if left:
+        print(f"the bench left things behind (removed now): {left}", file=sys.stderr)
+        return 1
     return 0
 
 

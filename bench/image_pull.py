@@ -1,6 +1,6 @@
 """Benchmark: PullImage of a 512 MiB image over loopback vs `curl -s URL | sha256sum`.
 
-    .venv/bin/python bench/image_pull.py [--size-mib 512] [--runs 3]
+    .venv/bin/python bench/image_pull.py [--size-mib 512] [--runs 3] [--quick]
 
 Builds a qcow2 full of random data (incompressible), serves it with the tests' loopback HTTP server, and
 measures in the same run: the baseline (curl piped into sha256sum: download + hash, nothing written), and
@@ -13,7 +13,6 @@ the CPU's SHA instructions, so on many machines it, not the network, bounds the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cli import BenchArgs, print_ratio  # noqa: E402
 from proto.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
 from tests.support.http_server import ImageServer  # noqa: E402
 
@@ -60,10 +60,10 @@ def wait_for_socket(stub, proc, timeout: float = 20.0) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=int, default=512)
-    p.add_argument("--runs", type=int, default=3)
-    args = p.parse_args()
+    cli = BenchArgs(__doc__)
+    cli.count("--size-mib", 512, 16, "image size")
+    cli.count("--runs", 3, 1, "pulls (and baselines); the best counts")
+    args = cli.parse()
 
     with tempfile.TemporaryDirectory(prefix="vmlet-bench-") as tmp:
         tmp = Path(tmp)
@@ -114,11 +114,11 @@ def main() -> int:
     print(f"image: {mib:.0f} MiB qcow2 over loopback, best of {args.runs}")
     print(f"curl -s URL | sha256sum : {curl_rate:7.1f} MiB/s  ({', '.join(f'{t:.2f}s' for t in curl_times)})")
     print(f"PullImage               : {pull_rate:7.1f} MiB/s  ({', '.join(f'{t:.2f}s' for t in pull_times)})")
-    print(f"throughput ratio        : {pull_rate / curl_rate:.2f}x  (target >= 0.8x)")
     print(f"for context: curl -s URL -o /dev/null : {raw_rate:.1f} MiB/s (transfer only; PullImage reaches "
           f"{pull_rate / raw_rate:.2f}x of it while also hashing, writing, fsyncing and validating)")
     print(f"service peak RSS growth : {growth:.1f} MiB  (RSS {rss_before / 1024:.1f} MiB before, "
           f"peak {peak / 1024:.1f} MiB; target < 64 MiB)")
+    print_ratio("PullImage/curl|sha256sum throughput", pull_rate / curl_rate, "target >= 0.8x")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark: ListContainers latency over the CRI socket with 1000 containers in the store.
 
-    .venv/bin/python bench/list_containers.py [--containers 1000] [--calls 200]
+    .venv/bin/python bench/list_containers.py [--containers 1000] [--calls 200] [--quick]
 
 The store is filled with container records before the daemon starts (booting
 1000 VMs is not the point: the cost measured is the daemon's listing), then
@@ -11,7 +11,6 @@ alone). It reports p50/p99; it does not assert (target: < 50 ms).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cli import BenchArgs, print_ratio  # noqa: E402
 from cri_shim.state import ContainerRecord, SandboxRecord, Store  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
 from tests.support import cri, libvirt_env  # noqa: E402
@@ -56,10 +56,10 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--containers", type=int, default=1000)
-    parser.add_argument("--calls", type=int, default=200)
-    args = parser.parse_args()
+    cli = BenchArgs(__doc__)
+    cli.count("--containers", 1000, 50, "container records in the store")
+    cli.count("--calls", 200, 20, "calls of each kind")
+    args = cli.parse()
     libvirt_env.WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=libvirt_env.WORK_ROOT))
     work.chmod(0o711)
@@ -83,8 +83,8 @@ def main() -> int:
     for name, xs in (("Version (baseline)", version), ("ListContainers", plain),
                      ("ListContainers label_selector", selector)):
         print(f"{name:32s} p50 {statistics.median(xs):7.2f} ms   p99 {pct(xs, 0.99):7.2f} ms")
-    print(f"ListContainers p50 = {statistics.median(plain) / statistics.median(version):.1f}x Version "
-          f"(target: < 50 ms)")
+    print_ratio("ListContainers/Version p50", statistics.median(plain) / statistics.median(version),
+                f"ListContainers p50 {statistics.median(plain):.2f} ms, target < 50 ms")
     return 0
 
 

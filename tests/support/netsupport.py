@@ -16,6 +16,7 @@ and answer the host.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -28,6 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from pyroute2 import IPRoute
 
@@ -123,6 +125,31 @@ class TestNetwork:
         if not d.is_dir():
             return []
         return sorted(p.name for p in d.iterdir() if re.match(r"^\d+\.\d+\.\d+\.\d+$", p.name))
+
+
+@contextlib.contextmanager
+def private_network(work_dir: Path, name: str) -> Iterator[tuple[TestNetwork, Path]]:
+    """A CNI network of a program's own (the demo, the benchmarks): (the network, its CNI config dir).
+
+    The tests' kind of network (Debian's bridge + host-local on a free /24 of 10.214.0.0/16, no NAT,
+    no route out of this machine), its config and IPAM state under `work_dir`: nothing goes to
+    /etc/cni/net.d. On exit the host bridge and anything else this process left (netns, links,
+    dnsmasq of state dirs marked STATE_MARK) are swept and ip_forward, which the bridge plugin
+    turns on, is put back."""
+    forwarding = netns.read_sysctl("net/ipv4/ip_forward")
+    subnet = pick_subnet()
+    third = int(str(subnet.network_address).split(".")[2])
+    network = TestNetwork(name=name, bridge=test_name(), subnet=subnet,
+                          extra_route=ipaddress.IPv4Network(f"10.214.{(third + 128) % 256}.0/24"),
+                          ipam_dir=work_dir / "ipam")
+    conf_dir = work_dir / "net.d"
+    write_conf(conf_dir, f"10-{name}.conflist", network.conflist())
+    try:
+        yield network, conf_dir
+    finally:
+        sweep()
+        if forwarding is not None:
+            netns.write_sysctl("net/ipv4/ip_forward", forwarding)
 
 
 def write_conf(conf_dir: Path, filename: str, doc: dict | str) -> Path:
@@ -248,6 +275,15 @@ def leftovers(or_dead: bool = False) -> list[str]:
     with IPRoute() as ipr:
         found += [f"link {link.get('ifname')}" for link in ipr.get_links() if _mine(link.get("ifname"), or_dead)]
     found += [f"dnsmasq {pid}" for pid in dnsmasq_pids(or_dead)]
+    return found
+
+
+def owned_by(pid: int) -> list[str]:
+    """What the process `pid` (a demo or bench run as a subprocess, alive or not) left: netns, links, dnsmasq."""
+    found = [f"netns {n}" for n in netns.list_names() if _owner(n) == pid]
+    with IPRoute() as ipr:
+        found += [f"link {link.get('ifname')}" for link in ipr.get_links() if _owner(link.get("ifname")) == pid]
+    found += [f"dnsmasq {d}" for d in _all_dnsmasq() if _owner(dhcp.pidfile_of(d) or "") == pid]
     return found
 
 
