@@ -14,7 +14,7 @@ Run via deploy/demo.sh (which sets the host up and builds the image first).
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import contextlib
 import json
 import shutil
 import sys
@@ -26,7 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cri_shim.network import netns as network_netns  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
 from tests.support import cri, netsupport  # noqa: E402
 from tests.support.http_server import ImageServer  # noqa: E402
@@ -56,19 +55,24 @@ def main() -> int:
     args = parser.parse_args()
 
     STATE_ROOT.mkdir(mode=0o711, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=STATE_ROOT))
+    # STATE_MARK in the path marks the pod's dnsmasq (pid file in the state dir) for the network's sweep.
+    work = Path(tempfile.mkdtemp(prefix=f"run-{netsupport.STATE_MARK}-", dir=STATE_ROOT))
     work.chmod(0o711)
-    server = ImageServer().start()
-    url = server.serve_file("/testvm.qcow2", args.image)
-    forwarding = network_netns.read_sysctl("net/ipv4/ip_forward")  # the bridge plugin turns it on
-    network = netsupport.TestNetwork(name="vmlet-demo", bridge=netsupport.test_name(), subnet=netsupport.pick_subnet(),
-                                     extra_route=ipaddress.IPv4Network("10.214.255.0/24"), ipam_dir=work / "ipam")
-    netsupport.write_conf(work / "net.d", "10-vmlet-demo.conflist", network.conflist())
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        server = ImageServer().start()
+        cleanup.callback(server.stop)
+        # No NAT, no route out of this host; swept (the host bridge) and ip_forward restored on the way out.
+        network, conf_dir = cleanup.enter_context(netsupport.private_network(work, "vmlet-demo"))
+        return run(args, work, server.serve_file("/testvm.qcow2", args.image), network, conf_dir)
+
+
+def run(args: argparse.Namespace, work: Path, url: str, network: netsupport.TestNetwork, conf_dir: Path) -> int:
     config = work / "vmlet.yaml"
     cri.write_config(config, work / "state", work / "vmlet.sock",
                      cri.translations_for(work / "translations.yaml", {"testvm": url}),
                      accelerator=args.accelerator, domain_prefix="vmlet-demo-", log_level="info",
-                     cni_conf_dir=str(work / "net.d"), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
+                     cni_conf_dir=str(conf_dir), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
     daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
     sandbox_id = None
     try:
@@ -129,11 +133,6 @@ def main() -> int:
             daemon.client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
             print("removed   pod sandbox, its VM and disks")
         daemon.stop()
-        server.stop()
-        netsupport.sweep()  # the demo network's host bridge
-        if forwarding is not None:
-            network_netns.write_sysctl("net/ipv4/ip_forward", forwarding)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
