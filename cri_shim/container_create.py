@@ -13,13 +13,15 @@ import logging
 import math
 import uuid
 
+import libvirt
+
 from image_service.errors import ImageError
 from proto.runtime.v1 import api_pb2
 
-from . import cloudinit, errors, pod_volumes, validation
-from .annotations import AnnotationError, VMAnnotations
+from . import cloudinit, errors, host_caps, pod_volumes, validation
+from .annotations import CPU_MODEL, LIBVIRT_CPU_SETTING, AnnotationError, VMAnnotations
 from .crashpoints import crashpoint
-from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, build_domain_xml
+from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, UnsafeText, build_domain_xml
 from .runtime import Runtime, new_id, now_ns
 from .state import ContainerRecord, NameConflict
 from .volumes import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
@@ -46,34 +48,63 @@ def cpu_for(vm: VMAnnotations) -> CPU | None:
     return None
 
 
-def vm_resources(rt: Runtime, cfg: api_pb2.ContainerConfig, vm: VMAnnotations) -> tuple[int, int]:
-    """(memory in MiB, vCPUs) from the container's limits and the pod's annotations."""
+def vm_resources(rt: Runtime, cfg: api_pb2.ContainerConfig, vm: VMAnnotations,
+                 max_memory: int) -> tuple[int, int, tuple[int, int]]:
+    """(memory in MiB, vCPUs, (CFS period, quota) or (0, 0)) from the container's limits and the pod's annotations.
+
+    The limits follow validation's one rule (the same as UpdateContainerResources).
+    """
     res = cfg.linux.resources
-    memory_mib = math.ceil(res.memory_limit_in_bytes / MIB) if res.memory_limit_in_bytes > 0 \
-        else rt.config.default_memory_mib
-    if memory_mib < 64:
-        raise errors.invalid_argument(f"config.linux.resources.memory_limit_in_bytes is "
-                                      f"{res.memory_limit_in_bytes}; a VM needs at least 64 MiB")
+    field = "config.linux.resources"
+    memory = validation.memory_limit(res.memory_limit_in_bytes, f"{field}.memory_limit_in_bytes", max_memory)
+    memory_mib = math.ceil(memory / MIB) if memory else rt.config.default_memory_mib
+    period, quota = validation.cpu_limit(res.cpu_period, res.cpu_quota, field)
     if vm.vcpu_count:
         vcpus = vm.vcpu_count
-    elif res.cpu_quota > 0 and res.cpu_period > 0:
-        vcpus = max(1, math.ceil(res.cpu_quota / res.cpu_period))
+    elif quota:
+        vcpus = max(1, math.ceil(quota / period))
     else:
         vcpus = 1
     if vcpus > rt.config.max_vcpus:
         raise errors.invalid_argument(f"the VM would get {vcpus} vCPUs; this node allows at most "
                                       f"{rt.config.max_vcpus} (VirtletVCPUCount or the CPU limit)")
-    return memory_mib, vcpus
+    return memory_mib, vcpus, (period, quota)
 
 
-def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb2.CreateContainerResponse:
-    sb = rt.sandbox(req.pod_sandbox_id)
-    cfg = req.config
+def check_cpu(caps: host_caps.HostCaps, vm: VMAnnotations) -> CPU | None:
+    """The domain's <cpu>, refused here when this host's hypervisor can never start it."""
+    cpu = cpu_for(vm)
+    where = f"pod annotation {LIBVIRT_CPU_SETTING if vm.libvirt_cpu is not None else CPU_MODEL}"
+    try:
+        caps.check_cpu(cpu, where)
+    except host_caps.UnknownCPUFeature as e:
+        raise errors.invalid_argument(str(e)) from None
+    except host_caps.UnsupportedCPU as e:
+        raise errors.failed_precondition(str(e)) from None
+    return cpu
+
+
+def _validate_request(cfg: api_pb2.ContainerConfig) -> None:
+    """The request's own strings, before anything is looked up or built."""
     if not cfg.HasField("metadata"):
         raise errors.invalid_argument("config.metadata must be set")
     validation.name(cfg.metadata.name, "config.metadata.name")
     if not cfg.image.image:
         raise errors.invalid_argument("config.image.image must name the VM image")
+    validation.text(cfg.image.image, "config.image.image", validation.MAX_PATH)
+    for i, m in enumerate(cfg.mounts):
+        validation.path(m.host_path, f"config.mounts[{i}].host_path")
+        validation.path(m.container_path, f"config.mounts[{i}].container_path")
+
+
+def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb2.CreateContainerResponse:
+    sb = rt.sandbox(req.pod_sandbox_id)
+    cfg = req.config
+    _validate_request(cfg)
+    try:
+        caps = host_caps.for_runtime(rt)
+    except libvirt.libvirtError as e:
+        raise errors.from_libvirt(e, "cannot read the host's domain capabilities") from None
     with rt.lock(sb.id):
         sb = rt.sandbox(sb.id)
         if sb.state != api_pb2.SANDBOX_READY:
@@ -88,13 +119,15 @@ def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb
             vm = VMAnnotations.from_pod_annotations(sandbox_cfg.annotations)
         except AnnotationError as e:
             raise errors.invalid_argument(str(e)) from None
-        memory_mib, vcpus = vm_resources(rt, cfg, vm)
+        memory_mib, vcpus, cpu_limit = vm_resources(rt, cfg, vm, caps.memory_bytes)
+        cpu = check_cpu(caps, vm)
         log_path = validation.log_path(sandbox_cfg.log_directory, cfg.log_path)
-        return _build(rt, sb.id, sandbox_cfg, cfg, vm, memory_mib, vcpus, log_path)
+        return _build(rt, sb.id, sandbox_cfg, cfg, vm, memory_mib, vcpus, cpu_limit, cpu, log_path)
 
 
 def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, cfg: api_pb2.ContainerConfig,
-           vm: VMAnnotations, memory_mib: int, vcpus: int, log_path: str) -> api_pb2.CreateContainerResponse:
+           vm: VMAnnotations, memory_mib: int, vcpus: int, cpu_limit: tuple[int, int], cpu: CPU | None,
+           log_path: str) -> api_pb2.CreateContainerResponse:
     container_id = new_id()
     files = vm_files(rt.config.vms_dir, container_id)
     domain = rt.domain_name_for(container_id)
@@ -102,7 +135,7 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
     try:
         image = rt.images.get(cfg.image.image)
         if image is None:
-            raise errors.not_found(f"image {cfg.image.image!r} is not present on this node; pull it first")
+            raise errors.not_found(f"image {errors.show(cfg.image.image)} is not present on this node; pull it first")
         base = rt.images.acquire(image.id, container_id)
         crashpoint("create.after-acquire")
         root_size = vm.root_volume_size or None
@@ -146,16 +179,19 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
             # The VM's NIC joins the pod's network through the sandbox's host bridge (docs/networking.md).
             interfaces=[Interface("bridge", source=network.host_bridge, mac=network.vm_mac)],
             shared_dirs=[SharedDir(pod_volumes.share_source(files.dir, sh), sh.guest.tag) for sh in shares],
-            cpu_period_us=cfg.linux.resources.cpu_period if cfg.linux.resources.cpu_quota > 0 else 0,
-            cpu_quota_us=max(0, cfg.linux.resources.cpu_quota),
-            cpu=cpu_for(vm),
+            cpu_period_us=cpu_limit[0], cpu_quota_us=cpu_limit[1], cpu=cpu,
             metadata={
                 "instance": rt.instance_id, "container-id": container_id, "sandbox-id": sandbox_id,
                 "pod-name": smd.name, "pod-namespace": smd.namespace, "pod-uid": smd.uid,
                 "container-name": cfg.metadata.name, "attempt": str(cfg.metadata.attempt),
                 "image": cfg.image.image, "image-ref": f"sha256:{image.id}",
             })
-        rt.host.define(build_domain_xml(spec))
+        try:
+            rt.host.define(build_domain_xml(spec))
+        except UnsafeText as e:  # a value the checks above let through: still the request's
+            raise errors.invalid_argument(f"the VM's definition cannot carry a value of the request: {e}") from None
+        except libvirt.libvirtError as e:
+            raise errors.from_libvirt(e, "libvirt refused the VM's definition") from None
         crashpoint("create.after-define")
 
         record = ContainerRecord(
@@ -166,7 +202,7 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         try:
             rt.store.add_container(record)
         except NameConflict as e:
-            raise errors.already_exists(f"container name {e.name_key!r} is already reserved for container "
+            raise errors.already_exists(f"container name {errors.show(e.name_key, 300)} is already reserved for container "
                                         f"{e.owner_id}") from None
         crashpoint("create.after-record")
     except BaseException as e:

@@ -9,6 +9,7 @@ definition is self-describing (another node can take it over).
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -17,7 +18,16 @@ from typing import Literal, Mapping, Sequence
 METADATA_NS = "https://vmlet.dev/xmlns/libvirt/domain/1.0"
 METADATA_PREFIX = "vmlet"
 
+# Characters outside XML 1.0's Char production: C0 controls but tab/LF/CR, lone surrogates, U+FFFE, U+FFFF.
+# ElementTree writes them as they are and libvirt then refuses the whole document.
+XML_UNSAFE_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
 DomainType = Literal["kvm", "qemu"]
+
+
+class UnsafeText(ValueError):
+    """A value the domain XML cannot carry (names where it would go)."""
+
 DiskBus = Literal["virtio", "scsi", "ide", "sata"]
 
 
@@ -102,10 +112,18 @@ class DomainSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+def _checked(value: str, where: str) -> str:
+    bad = XML_UNSAFE_RE.search(value)
+    if bad:
+        raise UnsafeText(f"{where} contains U+{ord(bad.group()):04X} at position {bad.start()}, "
+                         "which XML 1.0 cannot carry")
+    return value
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, attrs)
+    el = ET.SubElement(parent, tag, {k: _checked(v, f"<{tag} {k}=...>") for k, v in attrs.items()})
     if text is not None:
-        el.text = text
+        el.text = _checked(text, f"<{tag}>")
     return el
 
 
@@ -153,7 +171,15 @@ def _cpu(dom: ET.Element, cpu: CPU) -> None:
         _sub(el, "feature", name=feature.name, **({"policy": feature.policy} if feature.policy else {}))
 
 
+def cpu_xml(cpu: CPU) -> str:
+    """The `<cpu>` element alone (what libvirt's CPU comparison APIs take)."""
+    holder = ET.Element("domain")
+    _cpu(holder, cpu)
+    return ET.tostring(holder[0], encoding="unicode")
+
+
 def build_domain_xml(spec: DomainSpec) -> str:
+    """The domain definition; UnsafeText when a value cannot be written as XML 1.0."""
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     dom = ET.Element("domain", {"type": spec.domain_type})
     _sub(dom, "name", spec.name)
@@ -161,7 +187,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if spec.metadata:
         md = ET.SubElement(_sub(dom, "metadata"), f"{{{METADATA_NS}}}vm")
         for key, value in spec.metadata.items():
-            ET.SubElement(md, f"{{{METADATA_NS}}}{key}").text = value
+            ET.SubElement(md, f"{{{METADATA_NS}}}{key}").text = _checked(value, f"metadata {key}")
     _sub(dom, "memory", str(spec.memory_kib), unit="KiB")
     _sub(dom, "currentMemory", str(spec.memory_kib), unit="KiB")
     _sub(dom, "vcpu", str(spec.vcpus), placement="static")

@@ -3,6 +3,11 @@
 RPC modules raise `CRIError` (or its helpers); `grpc_errors` turns it into
 the gRPC status the client sees. Anything else is a bug: it is logged with its
 traceback and answered as INTERNAL, never crashing the server.
+
+Messages echo request values through `show` (shortened), and every message is
+capped where it leaves the server (`status_message`), so a 64 KiB ID never
+comes back as a 64 KiB grpc-message that the client refuses to read.
+`from_libvirt` is the one mapping of libvirt's refusals to CRI codes.
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ import functools
 import logging
 
 import grpc
+import libvirt
+
+from image_service.errors import shorten as show, status_message
+
+__all__ = ["CRIError", "show", "status_message", "from_libvirt", "grpc_errors"]
 
 log = logging.getLogger("vmlet.cri")
 
@@ -46,6 +56,30 @@ def unimplemented(message: str) -> CRIError:
     return CRIError(grpc.StatusCode.UNIMPLEMENTED, message)
 
 
+# libvirt refusing what the request asked for (a value, a combination, an unknown name): the client's to fix.
+_LIBVIRT_REQUEST_ERRORS = frozenset(getattr(libvirt, name) for name in (
+    "VIR_ERR_XML_ERROR", "VIR_ERR_XML_DETAIL", "VIR_ERR_CONFIG_UNSUPPORTED", "VIR_ERR_INVALID_ARG",
+    "VIR_ERR_OVERFLOW", "VIR_ERR_XML_INVALID_SCHEMA") if hasattr(libvirt, name))
+# libvirtd out of reach: a retry may work.
+_LIBVIRT_UNAVAILABLE = frozenset(getattr(libvirt, name) for name in (
+    "VIR_ERR_NO_CONNECT", "VIR_ERR_RPC", "VIR_ERR_AUTH_FAILED", "VIR_ERR_AUTH_UNAVAILABLE") if hasattr(libvirt, name))
+
+
+def from_libvirt(e: libvirt.libvirtError, action: str) -> CRIError:
+    """The CRI error for libvirt refusing `action` (e.g. "cannot define the VM"); one mapping for every RPC.
+
+    A refused value or setting is InvalidArgument, libvirtd out of reach is
+    Unavailable, anything else (the host cannot do it now) FailedPrecondition.
+    """
+    code = e.get_error_code()
+    detail = e.get_error_message() or str(e)
+    if code in _LIBVIRT_REQUEST_ERRORS:
+        return invalid_argument(f"{action}: libvirt refused the requested settings: {detail}")
+    if code in _LIBVIRT_UNAVAILABLE:
+        return unavailable(f"{action}: libvirtd is not reachable: {detail}")
+    return failed_precondition(f"{action}: {detail}")
+
+
 def grpc_errors(method):
     """Wrap a unary servicer method: CRIError -> its status; anything else -> INTERNAL (logged).
 
@@ -58,10 +92,11 @@ def grpc_errors(method):
         try:
             return method(self, request, context)
         except CRIError as e:
-            log.info("%s: %s: %s", method.__name__, e.code.name, e.message)
-            context.abort(e.code, e.message)
+            message = status_message(e.message)
+            log.info("%s: %s: %s", method.__name__, e.code.name, message)
+            context.abort(e.code, message)
         except Exception as e:  # noqa: BLE001 - the boundary: never let a bug kill the server
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, status_message(f"{method.__name__}: internal error: {e}"))
 
     return wrapper

@@ -36,8 +36,10 @@ def run_pod_sandbox(rt: Runtime, req: api_pb2.RunPodSandboxRequest) -> api_pb2.R
     validation.name(md.namespace, "config.metadata.namespace")
     validation.name(md.uid, "config.metadata.uid")
     validation.log_directory(cfg.log_directory)
+    validation.path(cfg.linux.cgroup_parent, "config.linux.cgroup_parent")
+    validation.dns_config(cfg.dns_config.servers, cfg.dns_config.searches, cfg.dns_config.options)
     if req.runtime_handler not in SUPPORTED_HANDLERS:
-        raise errors.invalid_argument(f"runtime_handler {req.runtime_handler!r} is not supported "
+        raise errors.invalid_argument(f"runtime_handler {errors.show(req.runtime_handler)} is not supported "
                                       f"(vmlet serves {', '.join(repr(h) for h in SUPPORTED_HANDLERS)})")
     ns_options = cfg.linux.security_context.namespace_options
     if ns_options.network == api_pb2.NODE:
@@ -53,7 +55,8 @@ def run_pod_sandbox(rt: Runtime, req: api_pb2.RunPodSandboxRequest) -> api_pb2.R
     with rt.lock("sandbox-name:" + name_key):
         owner = next((s.id for s in rt.store.sandboxes.values() if s.name_key == name_key), None)
         if owner:
-            raise errors.already_exists(f"pod sandbox name {name_key!r} is already reserved for sandbox {owner}")
+            raise errors.already_exists(f"pod sandbox name {errors.show(name_key, 300)} is already reserved for "
+                                        f"sandbox {owner}")
         sandbox_id = new_id()
         try:
             network = rt.network.setup(sandbox_id, pod_namespace=md.namespace, pod_name=md.name, pod_uid=md.uid,

@@ -14,7 +14,7 @@ from proto.runtime.v1 import api_pb2, api_pb2_grpc
 
 from . import (container_create, container_start, container_status, container_stop, container_update,
                runtime_info, sandbox_run, sandbox_status, sandbox_stop, stats, streaming)
-from .errors import CRIError, grpc_errors
+from .errors import CRIError, grpc_errors, status_message
 from .runtime import Runtime
 
 log = logging.getLogger("vmlet.cri")
@@ -27,10 +27,10 @@ def _stream(method):
         try:
             yield from method(self, request, context)
         except CRIError as e:
-            context.abort(e.code, e.message)
+            context.abort(e.code, status_message(e.message))
         except Exception as e:  # noqa: BLE001
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, status_message(f"{method.__name__}: internal error: {e}"))
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -101,7 +101,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @grpc_errors
     def StopContainer(self, req, ctx):
-        return container_stop.stop_container(self.rt, req)
+        return container_stop.stop_container(self.rt, req, ctx.is_active)
 
     @grpc_errors
     def RemoveContainer(self, req, ctx):
