@@ -110,6 +110,8 @@ class Runtime:
         self.store = Store(config.db_path)
         self.events = EventHub()
         self.copiers: dict[str, ConsoleCopier] = {}
+        self.stops: dict[str, object] = {}  # container id -> its container_stop.VMStop in progress
+        self.stops_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self.pod_cidr = ""  # from UpdateRuntimeConfig
