@@ -30,6 +30,10 @@ class Config(BaseModel):
     # the serial console); without one, `auto` decides from the host alone.
     accelerator_probe_image: Path | None = None
     image_translations: Path | None = None
+    # libvirtd's QEMU driver logs every VM's console through virtlogd (qemu.conf stdio_handler "logd",
+    # the default): while it is down no VM can start. Status reports it (condition VirtlogdReady);
+    # null turns the check off (stdio_handler "file", or a libvirtd on another host).
+    virtlogd_socket: Path | None = Path("/run/libvirt/virtlogd-sock")
     # Pod networking: the node's CNI configuration and plugins (Debian's
     # containernetworking-plugins live in /usr/lib/cni).
     cni_conf_dir: Path = Path("/etc/cni/net.d")

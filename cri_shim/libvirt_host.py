@@ -5,12 +5,20 @@ connection opens and running in a thread for lifecycle events to arrive;
 this module owns both. Domain lifecycle events are handed to listeners as
 (domain name, event, detail) so the runtime can record exits as they happen.
 Operations tolerate "already gone" so Stop/Remove stay idempotent.
+
+libvirtd may restart under a running vmlet (an upgrade, a crash): the VMs keep
+running, but the connection and its event registration die with the old
+daemon. A close callback notices at once and a background thread reconnects
+(retrying while libvirtd is down), registers the events again, and reports
+every shut-off domain to the listeners as stopped, so an exit that happened
+while no events could arrive is recorded too (listeners are idempotent).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import libvirt
@@ -43,6 +51,9 @@ def _start_event_loop() -> None:
         _event_loop_started = True
 
 
+RECONNECT_INTERVAL = 1.0  # s between attempts while libvirtd is down
+
+
 def _is_missing(e: libvirt.libvirtError) -> bool:
     return e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,)
 
@@ -53,6 +64,9 @@ class LibvirtHost:
         self._lock = threading.RLock()
         self._conn: libvirt.virConnect | None = None
         self._listeners: list[LifecycleListener] = []
+        self._closed = False
+        self._connected_before = False
+        self._reconnecting = threading.Lock()  # one reconnect thread at a time
         _start_event_loop()
 
     # -------------------------------------------------------------- connection
@@ -71,8 +85,48 @@ class LibvirtHost:
             conn = libvirt.open(self.uri)
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
             conn.setKeepAlive(5, 3)
+            conn.registerCloseCallback(self._on_close, None)
             self._conn = conn
-            return conn
+            replay = self._connected_before
+            self._connected_before = True
+        if replay:
+            log.info("reconnected to libvirtd at %s", self.uri)
+            self._replay_stopped(conn)
+        return conn
+
+    def _on_close(self, conn, reason: int, _opaque) -> None:
+        # On libvirt's event loop thread: never block it; reconnect from a thread of our own.
+        if self._closed:
+            return
+        log.warning("libvirt connection to %s closed (reason %d); reconnecting in the background", self.uri, reason)
+        threading.Thread(target=self._reconnect, name="libvirt-reconnect", daemon=True).start()
+
+    def _reconnect(self) -> None:
+        if not self._reconnecting.acquire(blocking=False):
+            return
+        try:
+            failures = 0
+            while not self._closed:
+                try:
+                    self.conn()
+                    return
+                except libvirt.libvirtError as e:
+                    failures += 1
+                    if failures == 1 or failures % 30 == 0:
+                        log.warning("libvirtd at %s not answering yet (%s); retrying", self.uri, e)
+                    time.sleep(RECONNECT_INTERVAL)
+        finally:
+            self._reconnecting.release()
+
+    def _replay_stopped(self, conn: libvirt.virConnect) -> None:
+        """Report every shut-off domain as stopped: events of the time without a connection are lost."""
+        try:
+            stopped = [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)]
+        except libvirt.libvirtError as e:
+            log.warning("cannot list domains after reconnecting: %s", e)
+            return
+        for name in stopped:
+            self._notify(name, libvirt.VIR_DOMAIN_EVENT_STOPPED, 0)
 
     def alive(self) -> tuple[bool, str]:
         try:
@@ -82,6 +136,7 @@ class LibvirtHost:
             return False, str(e)
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             if self._conn is not None:
                 try:
@@ -94,7 +149,9 @@ class LibvirtHost:
         self._listeners.append(listener)
 
     def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
-        name = dom.name()
+        self._notify(dom.name(), event, detail)
+
+    def _notify(self, name: str, event: int, detail: int) -> None:
         for listener in self._listeners:
             try:
                 listener(name, event, detail)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+from pathlib import Path
 
 from proto.runtime.v1 import api_pb2
 
@@ -69,6 +71,24 @@ class _DHCPRepair:
 _dhcp_repair = _DHCPRepair()
 
 
+def virtlogd_condition(sock_path: Path) -> api_pb2.RuntimeCondition:
+    """VirtlogdReady: virtlogd accepts connections. Informational (RuntimeReady stays as libvirtd is): running
+    VMs are unaffected, and a NotReady node would get its pods evicted; new VMs fail to start meanwhile."""
+    cond = api_pb2.RuntimeCondition(type="VirtlogdReady", status=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(sock_path))
+    except OSError as e:
+        cond.status = False
+        cond.reason = "VirtlogdUnavailable"
+        cond.message = (f"virtlogd is not accepting connections on {sock_path} ({e.strerror or e}): new VMs cannot "
+                        "start (libvirt logs their consoles through it) until it runs again")
+    finally:
+        s.close()
+    return cond
+
+
 def status(rt: Runtime, req: api_pb2.StatusRequest) -> api_pb2.StatusResponse:
     _dhcp_repair.check(rt)
     ok, why = rt.host.alive()
@@ -78,7 +98,10 @@ def status(rt: Runtime, req: api_pb2.StatusRequest) -> api_pb2.StatusResponse:
         runtime_ready.message = f"libvirtd at {rt.config.libvirt_uri} is not answering: {why}"
     network_ready, reason, message = rt.network_status()
     network = api_pb2.RuntimeCondition(type="NetworkReady", status=network_ready, reason=reason, message=message)
-    resp = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=[runtime_ready, network]))
+    conditions = [runtime_ready, network]
+    if rt.config.virtlogd_socket is not None:
+        conditions.append(virtlogd_condition(rt.config.virtlogd_socket))
+    resp = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
     resp.runtime_handlers.append(api_pb2.RuntimeHandler(name=""))
     if req.verbose:
         resp.info["config"] = json.dumps({

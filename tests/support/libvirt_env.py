@@ -34,8 +34,45 @@ WORK_ROOT = Path(os.environ.get("VMLET_TEST_WORK_ROOT", "/var/lib/vmlet-test"))
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
-def connect() -> libvirt.virConnect:
-    return libvirt.open(LIBVIRT_URI)
+class Connection:
+    """A virConnect that reopens itself when libvirtd restarted (the fault tests restart the shared daemon).
+
+    Attribute access goes to the current connection; a call that fails because the connection died is
+    retried once on a fresh one. Objects got before a restart (domains, networks) belong to the dead
+    connection: look them up again.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn = libvirt.open(uri)
+
+    def current(self) -> libvirt.virConnect:
+        try:
+            if self._conn.isAlive():
+                return self._conn
+        except libvirt.libvirtError:
+            pass
+        self._conn = libvirt.open(self.uri)
+        return self._conn
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.current(), name)
+        if not callable(attr) or name == "close":
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except libvirt.libvirtError:
+                if self._conn.isAlive():
+                    raise
+                return getattr(self.current(), name)(*args, **kwargs)
+
+        return call
+
+
+def connect() -> Connection:
+    return Connection(LIBVIRT_URI)
 
 
 def _ignore_missing(fn, *args) -> None:
