@@ -118,9 +118,7 @@ def run_as_user(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str, li
         if left:
             _stop_session(proc)
     left += _libvirt_leftovers(proc.pid)
-    left += netsupport.owned_by(proc.pid)
-    if left:
-        netsupport.sweep()  # the program's pid is dead now: its netns, links and dnsmasq go
+    left += netsupport.sweep_owned_by(proc.pid)
     return proc.returncode, out, left
 
 

@@ -307,22 +307,35 @@ def _all_dnsmasq() -> list[int]:
 def sweep() -> list[str]:
     """Remove what this session, or a crashed one, left: never a concurrent session's things."""
     removed = leftovers(or_dead=True)
-    for pid in dnsmasq_pids(or_dead=True):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _remove(lambda name: _mine(name, True))
+    return removed
+
+
+def sweep_owned_by(pid: int) -> list[str]:
+    """Remove what the process `pid` (a demo or bench run as a subprocess) left, nothing else; list it."""
+    removed = owned_by(pid)
+    _remove(lambda name: _owner(name) == pid)
+    return removed
+
+
+def _remove(owned) -> None:
+    """Kill the dnsmasq, delete the links and netns whose name (pid file, for dnsmasq) `owned` accepts."""
+    for pid in _all_dnsmasq():
+        if owned(dhcp.pidfile_of(pid) or ""):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     with IPRoute() as ipr:
         for link in ipr.get_links():  # veths first (their peers go too), then bridges
-            if _mine(link.get("ifname"), True) and link.get(("linkinfo", "kind")) != "bridge":
+            if owned(link.get("ifname")) and link.get(("linkinfo", "kind")) != "bridge":
                 _del(ipr, link.get("ifname"))
         for link in ipr.get_links():
-            if _mine(link.get("ifname"), True):
+            if owned(link.get("ifname")):
                 _del(ipr, link.get("ifname"))
     for n in netns.list_names():
-        if _mine(n, True):
+        if owned(n):
             netns.remove(n)
-    return removed
 
 
 def _del(ipr: IPRoute, name: str) -> None:
