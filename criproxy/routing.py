@@ -90,7 +90,8 @@ class Routes:
             return self.default
         if target in self.others:
             return target
-        raise UnknownRuntime(f"pod annotation {TARGET_RUNTIME_ANNOTATION}={target!r} names no configured runtime "
+        shown = repr(target) if len(target) <= 100 else f"{target[:100]!r}… ({len(target)} characters)"
+        raise UnknownRuntime(f"pod annotation {TARGET_RUNTIME_ANNOTATION}={shown} names no configured runtime "
                              f"(configured: {', '.join(self.all)})")
 
 
@@ -200,6 +201,47 @@ def strip_prefixes(routes: Routes, backend: str, msg) -> None:
         return v[len(prefix):] if v.startswith(prefix) else v
 
     rewrite_ids(msg, strip, strip)
+
+
+def foreign_markers(routes: Routes) -> tuple[bytes, ...]:
+    """Byte strings without which no value in a serialized message can route to a non-default backend: a
+    default backend's answer containing none of them is passed on without being decoded."""
+    return tuple(m for o in routes.others for m in (f"{o}{SEP}".encode(), f"{o}/".encode()))
+
+
+def foreign_ids(routes: Routes, msg) -> list[str]:
+    """The ID values in a default backend's message that the kubelet, sending them back, would reach
+    another backend with (`virtlet.cloud__x`, an image `virtlet.cloud/x`): the proxy cannot hand them out."""
+    bad: list[str] = []
+
+    def obj(v: str) -> str:
+        if routes.split_id(v)[0] != routes.default:
+            bad.append(v)
+        return v
+
+    def img(v: str) -> str:
+        if routes.image_backend(v)[0] != routes.default:
+            bad.append(v)
+        return v
+
+    rewrite_ids(msg, obj, img)
+    return bad
+
+
+def drop_foreign_items(routes: Routes, msg) -> list[str]:
+    """A default backend's list answer: remove the items (elements of its top-level repeated fields) that
+    carry a foreign ID; returns those IDs. IDs outside such items are left for foreign_ids()."""
+    bad: list[str] = []
+    for name, kind, repeated, _ in ID_FIELDS.plan(msg.DESCRIPTOR):
+        if kind != "msg" or not repeated:
+            continue
+        items = getattr(msg, name)
+        for i in reversed(range(len(items))):
+            found = foreign_ids(routes, items[i])
+            if found:
+                bad += found
+                del items[i]
+    return bad
 
 
 # ---------------------------------------------------------------- requests routed by one ID

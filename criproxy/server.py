@@ -35,9 +35,10 @@ from typing import Callable
 
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from criproxy import merge, routing
-from criproxy.backends import MAX_MESSAGE, BackendError, Backends
+from criproxy.backends import MAX_MESSAGE, BackendError, Backends, shorten
 from proto.runtime.v1 import api_pb2
 
 log = logging.getLogger("criproxy.server")
@@ -70,6 +71,19 @@ def _cls(desc):
     return message_factory.GetMessageClass(desc)
 
 
+def _parse(cls, raw: bytes, context):
+    """The kubelet's request, decoded; one that does not parse is the caller's mistake: INVALID_ARGUMENT."""
+    try:
+        return cls.FromString(raw)
+    except DecodeError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {cls.DESCRIPTOR.full_name}: {e}")
+
+
+def _too_big(size: int) -> BackendError:
+    return BackendError("", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the answer ({size} bytes) exceeds the CRI message limit of {MAX_MESSAGE} bytes")
+
+
 def _answer(call: Callable[[], bytes], return_errors: bool) -> bytes | BackendError:
     try:
         return call()
@@ -83,6 +97,7 @@ class Proxy:
     def __init__(self, backends: Backends):
         self.backends = backends
         self.routes = routing.Routes(backends.default, tuple(n for n in backends.by_name if n != backends.default))
+        self._foreign = routing.foreign_markers(self.routes)
         # Calls to the second and further backends of a fan-out (threads are made as needed, then reused).
         self._pool = futures.ThreadPoolExecutor(max_workers=MAX_CALLS, thread_name_prefix="criproxy-fan-out")
 
@@ -103,12 +118,48 @@ class Proxy:
         routing.strip_prefixes(self.routes, backend, msg)
         return msg.SerializeToString()
 
-    def from_backend(self, backend: str, resp_cls, raw: bytes) -> bytes:
-        if backend == self.routes.default or not routing.has_id_fields(resp_cls.DESCRIPTOR):
+    def from_backend(self, backend: str, resp_cls, raw: bytes, listing: bool = False) -> bytes:
+        """A backend's answer as the kubelet gets it: a non-default backend's IDs prefixed. A default
+        backend's answer is passed on undecoded unless it may carry an ID that would route elsewhere
+        (a byte search): then, in a list (`listing`), the items carrying one are dropped; elsewhere the
+        answer is refused. Raises BackendError (INTERNAL: an answer that does not parse or cannot be
+        routed; RESOURCE_EXHAUSTED: one grown past the message limit)."""
+        if not routing.has_id_fields(resp_cls.DESCRIPTOR):
             return raw
-        msg = resp_cls.FromString(raw)
-        routing.add_prefixes(self.routes, backend, msg)
+        default = backend == self.routes.default
+        if default and not any(m in raw for m in self._foreign):
+            return raw
+        try:
+            msg = resp_cls.FromString(raw)
+        except DecodeError as e:
+            raise self.backends[backend].unreadable(resp_cls.DESCRIPTOR.name, "a message that does not parse", e)
+        if not default:
+            routing.add_prefixes(self.routes, backend, msg)
+            out = msg.SerializeToString()
+            if len(out) > MAX_MESSAGE:
+                raise _too_big(len(out))
+            return out
+        dropped = routing.drop_foreign_items(self.routes, msg) if listing else []
+        bad = routing.foreign_ids(self.routes, msg)
+        if bad:
+            raise BackendError(backend, grpc.StatusCode.INTERNAL, shorten(
+                f"backend {backend} answered {resp_cls.DESCRIPTOR.name} with the ID {bad[0]!r}, which would "
+                f"route to backend {self._owner(bad[0])}: the proxy cannot hand it out"))
+        if not dropped:
+            return raw
+        log.warning("%s of backend %s: %d item(s) left out, their IDs would route to another backend: %s",
+                    resp_cls.DESCRIPTOR.name, backend, len(dropped), shorten(", ".join(map(repr, dropped[:5])), 300))
         return msg.SerializeToString()
+
+    def _owner(self, value: str) -> str:
+        return self.routes.image_backend(value)[0] if self.routes.split_id(value)[0] == self.routes.default \
+            else self.routes.split_id(value)[0]
+
+    def _relay(self, backend: str, resp_cls, raw: bytes, context, listing: bool = False) -> bytes:
+        try:
+            return self.from_backend(backend, resp_cls, raw, listing)
+        except BackendError as e:
+            context.abort(e.code, e.details)
 
     # ------------------------------------------------------------ calling the backends
 
@@ -116,34 +167,68 @@ class Proxy:
         """One backend's answer; its failure aborts the kubelet's call with the backend's code.
         `cancellable`: the kubelet's call ending first (cancelled, deadline) cancels the backend's."""
         backend = self.backends[name]
+        timeout = _timeout(context)
         try:
-            if cancellable:
-                return backend.unary_cancellable(path, req, _timeout(context), context.add_callback)
-            return backend.unary(path, req, _timeout(context))
+            if cancellable or timeout is None:  # without a deadline only the caller's cancelling ends it
+                return backend.unary_cancellable(path, req, timeout, context.add_callback)
+            return backend.unary(path, req, timeout)
         except BackendError as e:
             context.abort(e.code, e.details)
 
-    def _fan_out(self, path: str, plan: list[tuple[str, bytes]], timeout,
+    def _fan_out(self, path: str, plan: list[tuple[str, bytes]], context,
                  return_errors: bool = False) -> list[bytes | BackendError]:
         """The answers of the backends in `plan` ([(backend, request)]), called concurrently: the first
         on this thread, the others on the fan-out pool, so a single-backend plan costs one plain call.
         (A pool thread is cheaper than a grpc future, whose channel may start a polling thread per call.)
-        The first failure in plan order is raised (or, with return_errors, returned in its place)."""
+        The first failure in plan order is raised (or, with return_errors, returned in its place).
+        A call without a deadline, which only the caller's cancelling can end, is made of futures that
+        cancelling cancels on every backend (they cost ~0.3 ms more: the kubelet's lists have deadlines)."""
         if not plan:
             return []
+        timeout = _timeout(context)
+        if timeout is None:
+            return self._fan_out_futures(path, plan, context, return_errors)
         pending = [self._pool.submit(self.backends[b].unary, path, r, timeout) for b, r in plan[1:]]
         first, req = plan[0]
         out = [_answer(lambda: self.backends[first].unary(path, req, timeout), return_errors)]
         return out + [_answer(f.result, return_errors) for f in pending]
 
-    def _collect_streams(self, path: str, plan: list[tuple[str, bytes]], timeout) -> list[list[bytes]]:
+    def _fan_out_futures(self, path, plan, context, return_errors: bool) -> list[bytes | BackendError]:
+        calls = [(self.backends[b], self.backends[b].callable("unary_unary", path).future(r)) for b, r in plan]
+
+        def cancel():
+            for _, f in calls:
+                f.cancel()
+        if not context.add_callback(cancel):
+            cancel()
+        out: list[bytes | BackendError] = []
+        for backend, f in calls:
+            try:
+                out.append(f.result())
+            except (grpc.FutureCancelledError, grpc.RpcError) as e:
+                err = (BackendError(backend.name, grpc.StatusCode.CANCELLED, "cancelled by the caller")
+                       if isinstance(e, grpc.FutureCancelledError) else backend.error(e))
+                if not return_errors:
+                    raise err from None
+                out.append(err)
+        return out
+
+    def _collect_streams(self, path: str, plan: list[tuple[str, bytes]], context) -> list[list[bytes]]:
         """All messages of each backend's server stream, per backend in plan order. Every call is started
         first (the backends work concurrently), then drained in order, so the first failure raised is
-        the first in plan order, as for unary fan-outs."""
+        the first in plan order, as for unary fan-outs. The caller going away cancels them all."""
         calls = []
+        timeout = _timeout(context)
+
+        def cancel():
+            for _, c in calls:
+                c.cancel()
         try:
             for b, r in plan:
                 calls.append((self.backends[b], self.backends[b].stream(path, r, timeout)))
+            if not context.add_callback(cancel):
+                cancel()
+                raise BackendError("", grpc.StatusCode.CANCELLED, "cancelled by the caller")
             return [list(backend.iterate(call)) for backend, call in calls]
         finally:  # also the calls already started when starting a later one failed
             for _, call in calls:
@@ -214,8 +299,11 @@ class Proxy:
         call = backend.callable("unary_unary", path)
 
         def handle(raw: bytes, context):
+            timeout = _timeout(context)
+            if timeout is None:  # only the caller's cancelling can end it: cancellable
+                return self._unary(self.routes.default, path, raw, context, cancellable=True)
             try:
-                return call(raw, timeout=_timeout(context))
+                return call(raw, timeout=timeout)
             except grpc.RpcError as e:
                 err = backend.error(e)
                 context.abort(err.code, err.details)
@@ -230,7 +318,7 @@ class Proxy:
             return
         try:
             for item in backend.iterate(call):
-                yield self.from_backend(name, resp_cls, item)
+                yield self.from_backend(name, resp_cls, item, listing=True)
         except BackendError as e:
             context.abort(e.code, e.details)
         finally:
@@ -279,46 +367,46 @@ class Proxy:
 
     def _by_id(self, path, req_cls, resp_cls, field, cancellable: bool):
         def handle(raw: bytes, context):
-            req = req_cls.FromString(raw)
+            req = _parse(req_cls, raw, context)
             name, _ = self.routes.split_id(getattr(req, field))
             resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context, cancellable)
-            return self.from_backend(name, resp_cls, resp)
+            return self._relay(name, resp_cls, resp, context)
         return handle
 
     def _by_id_stream(self, path, req_cls, resp_cls, field):
         def handle(raw: bytes, context):
-            req = req_cls.FromString(raw)
+            req = _parse(req_cls, raw, context)
             name, _ = self.routes.split_id(getattr(req, field))
             yield from self._stream_from(name, path, self.to_backend(name, req_cls, raw, req), resp_cls, context)
         return handle
 
     def _run_sandbox(self, path, req_cls, resp_cls):
         def handle(raw: bytes, context):
-            req = req_cls.FromString(raw)
+            req = _parse(req_cls, raw, context)
             try:
                 name = self.routes.sandbox_backend(req.config.annotations)
             except routing.UnknownRuntime as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             log.info("RunPodSandbox %s/%s -> %s", req.config.metadata.namespace, req.config.metadata.name, name)
             resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context, cancellable=True)
-            return self.from_backend(name, resp_cls, resp)
+            return self._relay(name, resp_cls, resp, context)
         return handle
 
     def _by_image(self, path, req_cls, resp_cls, cancellable: bool):
         def handle(raw: bytes, context):
-            req = req_cls.FromString(raw)
+            req = _parse(req_cls, raw, context)
             name, _ = self.routes.image_backend(req.image.image)
             resp = self._unary(name, path, self.to_backend(name, req_cls, raw, req), context, cancellable)
-            return self.from_backend(name, resp_cls, resp)
+            return self._relay(name, resp_cls, resp, context)
         return handle
 
     # -- fan-out
 
-    def _plan(self, req_cls, raw: bytes, has_filter: bool) -> list[tuple[str, bytes]]:
+    def _plan(self, req_cls, raw: bytes, has_filter: bool, context) -> list[tuple[str, bytes]]:
         """[(backend, request bytes for it)] for a filtered list call."""
         if not has_filter:
             return [(b, raw) for b in self.routes.all]
-        req = req_cls.FromString(raw)
+        req = _parse(req_cls, raw, context)
         ids = routing.filter_ids(req.filter) if req.HasField("filter") else {}
         out = []
         for backend, stripped in routing.plan_list(self.routes, ids):
@@ -337,52 +425,59 @@ class Proxy:
         messages in plan order, IDs prefixed for non-default backends."""
         try:
             if streaming:
-                results = self._collect_streams(path, plan, _timeout(context))
-            else:
-                results = self._fan_out(path, plan, _timeout(context))
+                results = self._collect_streams(path, plan, context)
+                return [self.from_backend(b, resp_cls, item, listing=True)
+                        for (b, _), items in zip(plan, results) for item in items]
+            results = self._fan_out(path, plan, context)
+            out = merge.concat([self.from_backend(b, resp_cls, resp, listing=True)
+                                for (b, _), resp in zip(plan, results)])
+            if len(out) > MAX_MESSAGE:
+                raise _too_big(len(out))
+            return out
         except BackendError as e:
             context.abort(e.code, e.details)
-        if not streaming:
-            return merge.concat([self.from_backend(b, resp_cls, resp) for (b, _), resp in zip(plan, results)])
-        return [self.from_backend(b, resp_cls, item) for (b, _), items in zip(plan, results) for item in items]
 
     def _list(self, path, req_cls, resp_cls, has_filter, streaming):
         if streaming:
             def handle_stream(raw: bytes, context):
-                yield from self._merge_lists(path, resp_cls, self._plan(req_cls, raw, has_filter), context, True)
+                yield from self._merge_lists(path, resp_cls, self._plan(req_cls, raw, has_filter, context), context,
+                                             True)
             return handle_stream
 
         def handle(raw: bytes, context):
-            return self._merge_lists(path, resp_cls, self._plan(req_cls, raw, has_filter), context, False)
+            return self._merge_lists(path, resp_cls, self._plan(req_cls, raw, has_filter, context), context, False)
         return handle
 
     def _list_images(self, path, req_cls, resp_cls, streaming):
-        def plan(raw: bytes) -> list[tuple[str, bytes]]:
-            req = req_cls.FromString(raw)
+        def plan(raw: bytes, context) -> list[tuple[str, bytes]]:
+            req = _parse(req_cls, raw, context)
             return [(backend, self.to_backend(backend, req_cls, raw, req))
                     for backend, _ in routing.image_filter_backends(self.routes, req.filter.image.image)]
 
         if streaming:
             def handle_stream(raw: bytes, context):
-                yield from self._merge_lists(path, resp_cls, plan(raw), context, True)
+                yield from self._merge_lists(path, resp_cls, plan(raw, context), context, True)
             return handle_stream
 
         def handle(raw: bytes, context):
-            return self._merge_lists(path, resp_cls, plan(raw), context, False)
+            return self._merge_lists(path, resp_cls, plan(raw, context), context, False)
         return handle
 
     def _merged(self, path, resp_cls, merger: Callable):
         def handle(raw: bytes, context):
             names = self.routes.all
             try:
-                results = self._fan_out(path, [(b, raw) for b in names], _timeout(context))
+                results = self._fan_out(path, [(b, raw) for b in names], context)
+                parts = []
+                for b, resp in zip(names, results):
+                    try:
+                        msg = resp_cls.FromString(resp)
+                    except DecodeError as e:
+                        raise self.backends[b].unreadable(resp_cls.DESCRIPTOR.name, "a message that does not parse", e)
+                    routing.add_prefixes(self.routes, b, msg)
+                    parts.append(msg)
             except BackendError as e:
                 context.abort(e.code, e.details)
-            parts = []
-            for b, resp in zip(names, results):
-                msg = resp_cls.FromString(resp)
-                routing.add_prefixes(self.routes, b, msg)
-                parts.append(msg)
             return merger(parts).SerializeToString()
         return handle
 
@@ -390,7 +485,7 @@ class Proxy:
         """Every backend must accept it (UpdateRuntimeConfig: the pod CIDR); the default's answer is returned."""
         def handle(raw: bytes, context):
             try:
-                return self._fan_out(path, [(b, raw) for b in self.routes.all], _timeout(context))[0]
+                return self._fan_out(path, [(b, raw) for b in self.routes.all], context)[0]
             except BackendError as e:
                 context.abort(e.code, e.details)
         return handle
@@ -398,13 +493,16 @@ class Proxy:
     def _status(self, path):
         def handle(raw: bytes, context):
             names = self.routes.all
-            results = self._fan_out(path, [(b, raw) for b in names], _timeout(context), return_errors=True)
+            results = self._fan_out(path, [(b, raw) for b in names], context, return_errors=True)
             parts = []
             for b, r in zip(names, results):
                 if isinstance(r, BackendError):
                     parts.append((b, None, r.details))
-                else:
+                    continue
+                try:
                     parts.append((b, api_pb2.StatusResponse.FromString(r), ""))
+                except DecodeError as e:  # as if it had not answered
+                    parts.append((b, None, f"its StatusResponse does not parse: {e}"))
             return merge.status(parts, self.routes.default).SerializeToString()
         return handle
 
@@ -450,7 +548,10 @@ class Proxy:
                     if item is None:
                         remaining -= 1
                         continue
-                    yield self.from_backend(name, resp_cls, item)
+                    try:
+                        yield self.from_backend(name, resp_cls, item)
+                    except BackendError as e:  # one event the kubelet cannot use; the next relist has the state
+                        log.warning("event of backend %s left out: %s", name, e.details)
             finally:
                 cancel()
         return handle
