@@ -79,3 +79,24 @@ def test_metadata_round_trips_and_hostile_values_stay_data():
     assert root.findtext("name") == "a<b>&c"
     assert read_metadata(xml) == hostile
     assert read_metadata(build_domain_xml(spec(metadata={}))) == {}
+
+
+def test_values_xml_cannot_carry_are_refused_naming_where():
+    import pytest
+
+    from cri_shim.domain_xml import UnsafeText
+    for bad in ("\ufffe", "\uffff", "\x01", "\ud800"):
+        with pytest.raises(UnsafeText, match="metadata pod-name contains U\\+"):
+            build_domain_xml(spec(metadata={"pod-name": f"a{bad}"}))
+        with pytest.raises(UnsafeText, match="<source dir=...>"):
+            build_domain_xml(spec(shared_dirs=[SharedDir(f"/host/{bad}", "tag")]))
+    # What XML 1.0 carries goes through and reads back unchanged.
+    root = ET.fromstring(build_domain_xml(spec(metadata={"pod-name": "名前\t\U0001F600\x85"})))
+    assert read_metadata(ET.tostring(root, encoding="unicode"))["pod-name"] == "名前\t\U0001F600\x85"
+
+
+def test_cpu_xml_alone():
+    from cri_shim.domain_xml import cpu_xml
+    el = ET.fromstring(cpu_xml(CPU(mode="custom", model="qemu64", features=[CPUFeature("sse4.2", "require")])))
+    assert el.tag == "cpu" and el.get("mode") == "custom" and el.findtext("model") == "qemu64"
+    assert el.find("feature").attrib == {"name": "sse4.2", "policy": "require"}
