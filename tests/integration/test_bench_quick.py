@@ -44,7 +44,7 @@ def test_every_bench_is_covered():
     assert sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "cli") == sorted(BENCHES)
 
 
-def _require(what: str | None) -> None:
+def require_for(what: str | None) -> None:
     require(PYTHON.is_file(), f"{PYTHON} missing (run deploy/setup-host.sh)")
     if what == "libvirt":
         try:
@@ -125,7 +125,7 @@ def run_as_user(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str, li
 @pytest.mark.parametrize("bench", [pytest.param(b, marks=pytest.mark.libvirt) if need == "libvirt" else b
                                    for b, need in BENCHES.items()])
 def test_bench_runs_in_quick_mode(bench):
-    _require(BENCHES[bench])
+    require_for(BENCHES[bench])
     started = time.monotonic()
     rc, out, left = run_as_user([str(PYTHON), f"bench/{bench}.py", "--quick"])
     sys.stderr.write(f"bench/{bench}.py --quick: {time.monotonic() - started:.1f}s\n")  # CI cost, shown with -s

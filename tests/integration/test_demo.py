@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.integration.test_bench_quick import PYTHON, _require, run_as_user
+from tests.integration.test_bench_quick import PYTHON, require_for, run_as_user
 from tests.support import libvirt_env
 
 pytestmark = pytest.mark.libvirt
@@ -22,7 +22,7 @@ ERROR_LINE = re.compile(r"not found|no such|error|fail|denied|cannot|can't|trace
 
 
 def test_demo_succeeds_and_shows_no_error_line(test_image):
-    _require("libvirt")
+    require_for("libvirt")
     rc, out, left = run_as_user([str(PYTHON), "deploy/demo.py", str(test_image)])
     assert rc == 0, f"deploy/demo.py exited {rc}; output:\n{out[-6000:]}"
     console = [line for line in out.splitlines() if line.startswith("  | ")]
