@@ -59,6 +59,8 @@ CANCELLABLE = {"RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "CreateCon
 # as a remaining time of ~9.2e18 s; passed on as a backend call's timeout it overflows into an instant
 # DEADLINE_EXCEEDED. Anything longer than this (~31 years) is no deadline.
 NO_DEADLINE = 1e9
+# Status: of the kubelet's time, what the merged answer needs after the backends' calls time out.
+STATUS_RESERVE = 0.2
 
 
 def _timeout(context) -> float | None:
@@ -176,16 +178,19 @@ class Proxy:
             context.abort(e.code, e.details)
 
     def _fan_out(self, path: str, plan: list[tuple[str, bytes]], context,
-                 return_errors: bool = False) -> list[bytes | BackendError]:
+                 return_errors: bool = False, reserve: float = 0.0) -> list[bytes | BackendError]:
         """The answers of the backends in `plan` ([(backend, request)]), called concurrently: the first
         on this thread, the others on the fan-out pool, so a single-backend plan costs one plain call.
         (A pool thread is cheaper than a grpc future, whose channel may start a polling thread per call.)
         The first failure in plan order is raised (or, with return_errors, returned in its place).
         A call without a deadline, which only the caller's cancelling can end, is made of futures that
-        cancelling cancels on every backend (they cost ~0.3 ms more: the kubelet's lists have deadlines)."""
+        cancelling cancels on every backend (they cost ~0.3 ms more: the kubelet's lists have deadlines).
+        `reserve`: seconds of the caller's time kept for answering after the backends' deadline."""
         if not plan:
             return []
         timeout = _timeout(context)
+        if timeout is not None and reserve:
+            timeout = max(timeout - reserve, timeout / 2)
         if timeout is None:
             return self._fan_out_futures(path, plan, context, return_errors)
         pending = [self._pool.submit(self.backends[b].unary, path, r, timeout) for b, r in plan[1:]]
@@ -493,7 +498,10 @@ class Proxy:
     def _status(self, path):
         def handle(raw: bytes, context):
             names = self.routes.all
-            results = self._fan_out(path, [(b, raw) for b in names], context, return_errors=True)
+            # A backend that does not answer in time is a not-ready one: the others' answer must still
+            # reach the kubelet within its deadline.
+            results = self._fan_out(path, [(b, raw) for b in names], context, return_errors=True,
+                                    reserve=STATUS_RESERVE)
             parts = []
             for b, r in zip(names, results):
                 if isinstance(r, BackendError):
