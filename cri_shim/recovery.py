@@ -13,7 +13,9 @@ at any step, host reboot):
   recorded; one whose domain is gone is recorded as exited (DomainLost);
 - networks of sandboxes without a record (a crash inside RunPodSandbox) are
   swept; ready sandboxes get their DHCP server and links back if they went
-  missing, or are marked not ready when their network namespace is gone;
+  missing, or are marked not ready when their network is gone (netns, eth0 or
+  CNI's result lost) or was being torn down (StopPodSandbox killed after CNI
+  DEL began: its IP may belong to another pod by now), never refusing to start;
 - image references follow the records: every container holds its image,
   holders that are no containers any more are released.
 """
@@ -25,7 +27,7 @@ import logging
 
 from proto.runtime.v1 import api_pb2
 
-from .network import NetworkError
+from .network import NetworkError, NetworkLost
 from . import pod_volumes
 from .pod_volumes import VolumeMountError
 from .runtime import Runtime, now_ns
@@ -51,9 +53,20 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
         if sb.state != api_pb2.SANDBOX_READY:
             continue
         try:
-            rt.network.ensure(sb.id)  # dnsmasq restarted, links re-created if they went missing
-        except NetworkError as e:
-            log.warning("sandbox %s lost its network (%s): marking it not ready", sb.id[:12], e)
+            if rt.network.teardown_interrupted(sb.id):
+                # StopPodSandbox died after teardown began: CNI DEL may have released the pod IP already
+                # (another pod may hold it now). Finish the teardown; this network is not coming back.
+                rt.network.teardown(sb.id)
+                raise NetworkLost("its teardown was interrupted by a crash of vmlet (now finished)")
+            # dnsmasq restarted, links re-created if they went missing; raises if the network is gone
+            # (netns, eth0 or CNI's result lost).
+            rt.network.ensure(sb.id)
+        except Exception as e:  # noqa: BLE001 - one sandbox must never keep the daemon from starting
+            if isinstance(e, NetworkError):
+                log.warning("sandbox %s lost its network: %s; marking it not ready", sb.id[:12], e)
+            else:
+                log.exception("sandbox %s: repairing its network failed; marking it not ready", sb.id[:12])
+            # NOTREADY makes the kubelet stop and recreate the pod, which tears down what is left.
             with rt.store_lock():
                 rt.store.update_sandbox(dataclasses.replace(sb, state=api_pb2.SANDBOX_NOTREADY))
             report["network_lost"].append(sb.id)

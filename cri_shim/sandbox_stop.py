@@ -14,6 +14,7 @@ from proto.runtime.v1 import api_pb2
 
 from . import errors
 from .container_stop import remove_vm, stop_vm
+from .crashpoints import crashpoint
 from .network import NetworkError
 from .runtime import Runtime
 
@@ -28,6 +29,7 @@ def stop_pod_sandbox(rt: Runtime, req: api_pb2.StopPodSandboxRequest) -> api_pb2
             rt.network.teardown(sb.id)  # CNI DEL, DHCP server, links; idempotent
         except NetworkError as e:
             raise errors.failed_precondition(f"pod network teardown failed (will be retried): {e}") from None
+        crashpoint("sandbox-stop.after-network")
         with rt.store_lock():
             current = rt.store.sandboxes.get(sb.id)
             if current is None or current.state == api_pb2.SANDBOX_NOTREADY:

@@ -11,7 +11,9 @@
 
 State, under <state_dir>:
     network/<sandbox id>/record.json     written before anything is created (phase "setting-up"),
-                                         then with the PodNetwork ("ready"), then "stopped"
+                                         then with the PodNetwork ("ready"); before teardown starts
+                                         ("tearing-down": CNI DEL may have released the IP), then
+                                         "stopped"
     network/<sandbox id>/dnsmasq.{pid,leases,log}
     cni/results/<network>-<sandbox id>-eth0   the CNI result cache (cni.py)
 Everything a pod gets is named after its sandbox ID (names.py), so teardown
@@ -32,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..crashpoints import crashpoint
 from . import cni as cnimod
 from . import dhcp, links, masquerade, netns
 from .errors import CNIConfigError, CNIPluginError, NetworkError, NetworkLost
@@ -47,6 +50,7 @@ DHCP_SERVER_CIDR = "169.254.75.10/32"
 
 PHASE_SETTING_UP = "setting-up"
 PHASE_READY = "ready"
+PHASE_TEARING_DOWN = "tearing-down"
 PHASE_STOPPED = "stopped"
 
 
@@ -113,7 +117,11 @@ class NetworkManager:
         rec = self._read_record(sandbox_id)
         if not rec or not rec.get("network"):
             return None
-        return PodNetwork.from_dict(rec["network"])
+        try:
+            return PodNetwork.from_dict(rec["network"])
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("sandbox %s: unreadable network record: %s", sandbox_id[:12], e)
+            return None
 
     @staticmethod
     def _id_of(network: PodNetwork | str) -> str:
@@ -243,19 +251,33 @@ class NetworkManager:
             problems.append("dnsmasq is not running")
         return problems
 
+    def phase(self, sandbox_id: str) -> str | None:
+        """The recorded phase of the sandbox's network (PHASE_*), None when it has no record."""
+        return (self._read_record(check_sandbox_id(sandbox_id)) or {}).get("phase")
+
+    def teardown_interrupted(self, sandbox_id: str) -> bool:
+        """Teardown began and never finished, or finished without the sandbox learning of it (a crash)."""
+        return self.phase(sandbox_id) in (PHASE_TEARING_DOWN, PHASE_STOPPED)
+
     def ensure(self, network: PodNetwork | str) -> list[str]:
         """Repair a ready pod's network after a restart: links, wiring, NAT rules, dnsmasq.
 
-        Returns what had to be repaired; raises NetworkLost when the netns is gone."""
+        Returns what had to be repaired; raises NetworkLost when the netns, eth0 or CNI's result
+        is gone (nothing vmlet may re-create). A network being torn down is left alone."""
         sid = self._id_of(network)
         with self._lock(sid):
             pn = network if isinstance(network, PodNetwork) else self.get(sid)
-            rec = self._read_record(sid)
-            if pn is None or (rec and rec.get("phase") == PHASE_STOPPED) or pn.state == PHASE_STOPPED:
-                return []
+            rec = self._read_record(sid) or {}
+            if rec.get("phase") in (PHASE_TEARING_DOWN, PHASE_STOPPED) or (pn and pn.state == PHASE_STOPPED):
+                return []  # nothing to repair in a network being (or already) torn down
+            if pn is None:
+                raise NetworkLost(f"the network record of sandbox {sid[:12]} is missing or unreadable")
             if not netns.exists(pn.netns_name):
                 raise NetworkLost(f"the network namespace {pn.netns_name} of sandbox {sid[:12]} is gone "
                                   "(host reboot?): the pod's network cannot be repaired")
+            lost = self._lost_facts(pn)
+            if lost:
+                raise NetworkLost(f"the network of sandbox {sid[:12]} cannot be repaired: " + "; ".join(lost))
             repaired: list[str] = []
             if not links.host_present(pn.host_bridge, pn.host_veth):
                 links.host_create(pn.host_bridge, pn.host_veth, pn.netns_path, pn.mtu, link_alias(self.tag, sid))
@@ -288,19 +310,55 @@ class NetworkManager:
         Idempotent. Raises NetworkError when CNI DEL failed (the cache entry is kept for a retry)."""
         sid = self._id_of(network)
         with self._lock(sid):
-            self._teardown(sid)
-            rec = self._read_record(sid)
-            if rec is not None and rec.get("phase") != PHASE_STOPPED:
-                pn = self.get(sid)
-                self._write_record(sid, PHASE_STOPPED, dataclasses.replace(pn, state="stopped", dnsmasq_pid=0)
-                                   if pn else None, binding=rec.get("binding"))
+            self._finish_teardown(sid, self._read_record(sid))
 
     def remove(self, network: PodNetwork | str) -> None:
         """RemovePodSandbox: teardown if needed, then the netns and all state. Idempotent."""
         sid = self._id_of(network)
         with self._lock(sid):
+            self._mark_tearing_down(sid, self._read_record(sid))
             self._teardown(sid)
             self._remove_rest(sid)
+
+    def _mark_tearing_down(self, sid: str, rec: dict[str, Any] | None) -> None:
+        """Record that teardown starts (before CNI DEL), so a crash from here on is not mistaken for a ready pod."""
+        if rec is not None and rec.get("phase") == PHASE_READY:
+            self._write_record(sid, PHASE_TEARING_DOWN, self.get(sid), binding=rec.get("binding"))
+
+    def _finish_teardown(self, sid: str, rec: dict[str, Any] | None) -> None:
+        self._mark_tearing_down(sid, rec)
+        self._teardown(sid)
+        if rec is not None and rec.get("phase") != PHASE_STOPPED:
+            pn = self.get(sid)
+            self._write_record(sid, PHASE_STOPPED, dataclasses.replace(pn, state="stopped", dnsmasq_pid=0)
+                               if pn else None, binding=rec.get("binding"))
+
+    def _lost_facts(self, pn: PodNetwork) -> list[str]:
+        """What a ready pod's network lost that vmlet cannot give back: CNI's result, eth0, the pod IP on it.
+
+        Re-creating vmlet's own links over a released IP would hand the VM an address IPAM may
+        already have given to another pod."""
+        lost = []
+        entry = self.cni.cached(pn.sandbox_id, POD_IFNAME)
+        if entry is None:
+            lost.append(f"CNI has no result for {POD_IFNAME} (CNI DEL ran: its IP {pn.pod_ip} is released)")
+        elif entry.result is not None:
+            try:
+                ips = {str(ip.interface_address.ip) for ip in cnimod.parse_result(entry.result).ips_of(POD_IFNAME)}
+            except Exception as e:  # noqa: BLE001 - an unreadable cached result is a lost one
+                ips = set()
+                lost.append(f"the cached CNI result is unreadable: {e}")
+            if ips and pn.pod_ip not in ips:
+                lost.append(f"CNI's result gives {POD_IFNAME} {sorted(ips)}, not the pod IP {pn.pod_ip}")
+        try:
+            pod_if = netns.run_in(pn.netns_path, links.read_interface, POD_IFNAME)
+        except LookupError:
+            lost.append(f"{POD_IFNAME} is gone from {pn.netns_name}")
+        else:
+            # The masquerade binding leaves the pod IP on eth0; the bridge binding moved it to the VM.
+            if pn.binding == "masquerade" and not any(a.split("/")[0] == pn.pod_ip for a in pod_if.addresses):
+                lost.append(f"{POD_IFNAME} in {pn.netns_name} no longer has the pod IP {pn.pod_ip}")
+        return lost
 
     def _teardown(self, sid: str) -> None:
         errors: list[str] = []
@@ -319,6 +377,7 @@ class NetworkManager:
             self.cni.delete(sid, POD_IFNAME, ns_path if have_ns else "")
         except (CNIPluginError, CNIConfigError) as e:
             errors.append(str(e))
+        crashpoint("network.teardown.after-cni-del")
         try:
             links.host_delete(host_bridge(sid), host_veth(sid))
         except Exception as e:  # noqa: BLE001
