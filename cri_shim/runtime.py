@@ -166,9 +166,9 @@ class Runtime:
             raise errors.invalid_argument(f"{field} must not be empty")
         found = resolve_id(list(records), given)
         if found is None:
-            raise errors.not_found(f"{kind} {given!r} not found")
+            raise errors.not_found(f"{kind} {errors.show(given)} not found")
         if isinstance(found, list):
-            raise errors.invalid_argument(f"{field} {given!r} is ambiguous: it matches {len(found)} {kind}s")
+            raise errors.invalid_argument(f"{field} {errors.show(given)} is ambiguous: it matches {len(found)} {kind}s")
         return found
 
     def sandbox_config(self, sb: SandboxRecord) -> api_pb2.PodSandboxConfig:
