@@ -6,6 +6,8 @@ import socket
 import grpc
 import pytest
 
+from proto.runtime.v1 import api_pb2
+
 from .conftest import rpc_error, rules
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
@@ -134,18 +136,26 @@ def test_loopback_is_denied_unless_allowed(make_service, image_server, small):
     "virtlet.cloud/srv/x\x00", "virtlet.cloud/Srv/x", "virtlet.cloud/srv/x@sha256:1234", "docker.io/library/busybox",
 ])
 def test_hostile_names_never_reach_the_network_or_the_filesystem(client, image_server, image):
-    for call in (client.pull, client.status, client.remove):
+    for call in (client.pull, client.remove):
         with rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "image: "):
             call(image)
+    # ImageStatus and a ListImages filter answer what vmlet cannot serve as an absent image (containerd's way).
+    assert client.status(image) == api_pb2.ImageStatusResponse()
+    assert client.status(image, verbose=True) == api_pb2.ImageStatusResponse()
+    assert client.list(image) == []
     assert image_server.requests == []
     assert client.leftovers() == []
 
 
 @pytest.mark.parametrize("lookup", ["sha256:../../etc/passwd", "sha256:", "SHA256:AB", "ab/../cd"])
-def test_hostile_ids(client, lookup):
-    for call in (client.status, client.remove):
-        with rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "image: "):
-            call(lookup)
+def test_hostile_ids(client, small, lookup):
+    client.pull("virtlet.cloud/srv/small.qcow2")  # a stored image: a lookup must not resolve to it either
+    with rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "image: "):
+        client.remove(lookup)
+    assert client.status(lookup) == api_pb2.ImageStatusResponse()
+    assert client.status(lookup, verbose=True) == api_pb2.ImageStatusResponse()
+    assert client.list(lookup) == []
+    assert len(client.list()) == 1
 
 
 def test_empty_image_field(client):

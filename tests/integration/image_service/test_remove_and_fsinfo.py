@@ -90,5 +90,6 @@ def test_unknown_prefix_and_ambiguity_rules(client, small):
     assert not client.status(other * 10).HasField("image")
     client.remove(other * 10)  # unknown: fine
     assert client.status(ref).image.id == ref
+    assert not client.status("not-a-ref!").HasField("image")  # cannot be an image of vmlet's: absent
     with rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "neither"):
-        client.status("not-a-ref!")
+        client.remove("not-a-ref!")
