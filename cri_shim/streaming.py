@@ -13,20 +13,21 @@ _WHY = "VM pods have no exec/attach/port-forward in vmlet yet; reach the VM over
 
 
 def exec_sync(_rt, req):
-    raise errors.unimplemented(f"ExecSync into container {req.container_id}: {_WHY}")
+    raise errors.unimplemented(f"ExecSync into container {errors.show(req.container_id)}: {_WHY}")
 
 
 def exec_(_rt, req):
-    raise errors.unimplemented(f"Exec into container {req.container_id}: {_WHY}")
+    raise errors.unimplemented(f"Exec into container {errors.show(req.container_id)}: {_WHY}")
 
 
 def attach(_rt, req):
-    raise errors.unimplemented(f"Attach to container {req.container_id}: {_WHY}")
+    raise errors.unimplemented(f"Attach to container {errors.show(req.container_id)}: {_WHY}")
 
 
 def port_forward(_rt, req):
-    raise errors.unimplemented(f"PortForward to pod sandbox {req.pod_sandbox_id}: {_WHY}")
+    raise errors.unimplemented(f"PortForward to pod sandbox {errors.show(req.pod_sandbox_id)}: {_WHY}")
 
 
 def checkpoint_container(_rt, req):
-    raise errors.unimplemented(f"CheckpointContainer {req.container_id}: checkpointing VMs is not supported yet")
+    raise errors.unimplemented(
+        f"CheckpointContainer {errors.show(req.container_id)}: checkpointing VMs is not supported yet")

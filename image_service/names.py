@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from image_service.errors import InvalidName
+from image_service.errors import InvalidName, shorten
 
 DOMAIN = "virtlet.cloud"
 DEFAULT_TAG = "latest"
@@ -56,11 +56,11 @@ def parse(image: str) -> ImageName:
     if not image:
         raise InvalidName("image: the image name is empty")
     if not image.startswith(DOMAIN + "/"):
-        raise InvalidName(f"image: {image!r} is not a vmlet image name (expected {DOMAIN}/<name>[:tag][@sha256:<hex>])")
+        raise InvalidName(f"image: {shorten(image)} is not a vmlet image name (expected {DOMAIN}/<name>[:tag][@sha256:<hex>])")
     m = _NAME_RE.fullmatch(image)
     if m is None:
         raise InvalidName(
-            f"image: {image!r} is not a valid image name: after {DOMAIN}/ it must be lowercase path components "
+            f"image: {shorten(image)} is not a valid image name: after {DOMAIN}/ it must be lowercase path components "
             "([a-z0-9] joined by '.', '_', '__' or '-'), separated by '/', then an optional :tag and "
             "@sha256:<64 hex digits>")
     if len(m["repo"]) > _MAX_REPO:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from image_service import names
-from image_service.errors import ImageError, ImageNotFound, InvalidName, StoreFull
+from image_service.errors import ImageError, ImageNotFound, InvalidName, StoreFull, shorten
 from image_service.names import HEX64_RE, ImageName
 
 log = logging.getLogger("vmlet.image")
@@ -118,7 +118,7 @@ class Store:
 
     def path(self, image_id: str) -> Path:
         if not HEX64_RE.fullmatch(image_id):  # only digests ever become paths
-            raise ValueError(f"not an image id: {image_id!r}")
+            raise ValueError(f"not an image id: {shorten(image_id)}")
         return self.blobs / image_id
 
     # ------------------------------------------------------------ adding
@@ -201,7 +201,7 @@ class Store:
                 return row[0] if row else None
             m = _HEX_PREFIX_RE.fullmatch(ref)
             if m is None:
-                raise InvalidName(f"image: {ref!r} is neither a {names.DOMAIN}/ image name nor an image id")
+                raise InvalidName(f"image: {shorten(ref)} is neither a {names.DOMAIN}/ image name nor an image id")
             rows = self._db.execute("SELECT id FROM images WHERE removed = 0 AND substr(id, 1, ?) = ? LIMIT 2",
                                     (len(m[1]), m[1])).fetchall()
             if len(rows) > 1:
@@ -235,7 +235,7 @@ class Store:
         with self._lock, self._tx():
             image_id = self._resolve(ref)
             if image_id is None:
-                raise ImageNotFound(f"image {ref!r} is not in the store")
+                raise ImageNotFound(f"image {shorten(ref)} is not in the store")
             self._db.execute("INSERT OR IGNORE INTO holders (image_id, holder) VALUES (?, ?)", (image_id, holder))
             return self.path(image_id)
 

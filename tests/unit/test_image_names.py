@@ -46,3 +46,16 @@ def test_invalid_names_are_rejected_naming_the_field(image):
     with pytest.raises(InvalidName) as e:
         parse(image)
     assert str(e.value).startswith("image: ")
+
+
+@pytest.mark.parametrize("image, reason", [
+    ("docker.io/" + "a" * 65536, "is not a vmlet image name (expected virtlet.cloud/"),
+    ("virtlet.cloud/" + "A" * 65536, "is not a valid image name: after virtlet.cloud/ it must be lowercase"),
+])
+def test_a_huge_name_is_echoed_shortened_and_the_reason_kept(image, reason):
+    with pytest.raises(InvalidName) as e:
+        parse(image)
+    message = str(e.value)
+    assert reason in message
+    assert f"…({len(image)} chars)" in message  # says it was cut, and how long the value was
+    assert len(message) < 600, len(message)

@@ -132,3 +132,14 @@ def test_failed_download_leaves_no_temp_file(store):
         temp.file.write(b"partial")
         raise RuntimeError("download failed")
     assert list(store.tmp.iterdir()) == []
+
+
+def test_huge_refs_are_echoed_shortened(store):
+    huge = "x" * 65536
+    with pytest.raises(InvalidName) as e:
+        store.get(huge)
+    assert "is neither a virtlet.cloud/ image name nor an image id" in str(e.value)
+    assert "…(65536 chars)" in str(e.value) and len(str(e.value)) < 300
+    with pytest.raises(ImageNotFound) as e:
+        store.acquire("virtlet.cloud/" + "a" * 240 + ":" + "t" * 128, "vm-1")  # the longest valid name
+    assert "is not in the store" in str(e.value) and len(str(e.value)) < 200
