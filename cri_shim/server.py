@@ -21,6 +21,7 @@ from proto.runtime.v1 import api_pb2_grpc
 
 from . import accel, recovery
 from .config import Config
+from .errors import DecodeErrors
 from .libvirt_host import LibvirtHost
 from .runtime import Runtime
 from .service import RuntimeService
@@ -47,7 +48,9 @@ class Daemon:
         self.stopped = threading.Event()
 
     def serve(self) -> None:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="cri"))
+        # DecodeErrors: a request that is not valid protobuf is the client's mistake (INVALID_ARGUMENT), not INTERNAL.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="cri"),
+                             interceptors=[DecodeErrors()])
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.runtime), server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(self.images, server)
         start_on_unix_socket(server, self.config.socket)
