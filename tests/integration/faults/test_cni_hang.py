@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cri_shim.network import dhcp
 from proto.runtime.v1 import api_pb2
 from tests.support import cri, netsupport
 
@@ -81,3 +82,58 @@ exit 0
     assert st.status.state == api_pb2.SANDBOX_READY and st.status.network.ip
     client.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=RPC_SLACK)
     client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=RPC_SLACK)
+
+
+def test_cni_plugin_hanging_on_del_fails_stop_pod_sandbox_in_time_and_the_retry_releases_everything(
+        vmlet_factory, vmlet_dir, test_network):
+    """StopPodSandbox whose CNI DEL hangs: FailedPrecondition within the plugin timeout, never a stuck call; the
+    half torn-down pod gets no dnsmasq back (not even across a restart of vmlet), and the kubelet's retry, once the
+    plugin behaves, releases the IP and leaves nothing."""
+    bin_dir, conf_dir = vmlet_dir / "hang-del-bin", vmlet_dir / "hang-del-net.d"
+    flag = vmlet_dir / "hang-del-now"
+    netsupport.script_plugin(bin_dir, "vmlet-del-hanger", f"""
+if [ "$CNI_COMMAND" = ADD ]; then
+  # A chained plugin passes the previous result on.
+  exec python3 -c 'import json, sys; c = json.load(sys.stdin); print(json.dumps(c["prevResult"]))'
+fi
+cat >/dev/null
+if [ "$CNI_COMMAND" = DEL ] && [ -e {flag} ]; then
+  sleep 300
+fi
+exit 0
+""")
+    # Last in the chain, so DEL (in reverse order) reaches it first, before bridge/host-local release anything.
+    netsupport.write_conf(conf_dir, "10-hang-del.conflist",
+                          test_network.conflist([{"type": "vmlet-del-hanger"}]))
+    proc = vmlet_factory(cni_conf_dir=str(conf_dir), cni_bin_dirs=[str(bin_dir), netsupport.CNI_BIN_DIR],
+                         cni_plugin_timeout=PLUGIN_TIMEOUT)
+    client = proc.start()
+    sid = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=cri.pod_config(name="hang-del")),
+                                       timeout=RPC_SLACK).pod_sandbox_id
+    assert len(test_network.allocated_ips()) == 1
+
+    flag.touch()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as exc:
+        client.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=RPC_SLACK)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.value
+    assert "vmlet-del-hanger" in exc.value.details() and "retried" in exc.value.details(), exc.value.details()
+    assert time.monotonic() - started < RPC_SLACK / 2
+    # The kubelet's Status polls must not bring the DHCP server of a pod being torn down back.
+    for _ in range(3):
+        client.runtime.Status(api_pb2.StatusRequest(), timeout=RPC_SLACK)
+        time.sleep(0.5)
+    assert not dhcp.find_processes(f"{proc.state_dir / 'network'}/"), "dnsmasq restarted for a pod being torn down"
+
+    proc.kill()  # and a crash of vmlet in between: recovery finishes what it can, the sandbox is not ready
+    client = proc.start()
+    st = client.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=RPC_SLACK)
+    assert st.status.state == api_pb2.SANDBOX_NOTREADY
+    assert not dhcp.find_processes(f"{proc.state_dir / 'network'}/")
+
+    flag.unlink()
+    client.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=RPC_SLACK)
+    assert test_network.allocated_ips() == []
+    client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=RPC_SLACK)
+    assert not (proc.state_dir / "network" / sid).exists()
+    assert not list((proc.state_dir / "cni" / "results").iterdir())
