@@ -9,6 +9,7 @@ rebuilt from libvirt alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import uuid
@@ -142,7 +143,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         if root_size and root_size > rt.config.max_root_volume_gib * 1024 ** 3:
             raise errors.invalid_argument(f"VirtletRootVolumeSize {root_size} bytes is above this node's cap of "
                                           f"{rt.config.max_root_volume_gib} GiB")
-        create_root_overlay(files, base, image.format, root_size)
+        with _step("cannot create the VM's root disk"):
+            create_root_overlay(files, base, image.format, root_size)
         crashpoint("create.after-overlay")
         try:
             shares, skipped = pod_volumes.plan(cfg.mounts)
@@ -154,7 +156,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         for k in skipped:
             log.info("container %s: mount %s (%s) not given to the VM: %s",
                      container_id[:12], k.container_path, k.host_path, k.reason)
-        write_file_atomic(files.volumes_record, pod_volumes.record(shares, skipped))
+        with _step(f"cannot record the VM's shared volumes ({files.volumes_record.name})"):
+            write_file_atomic(files.volumes_record, pod_volumes.record(shares, skipped))
 
         smd = sandbox_cfg.metadata
         network = rt.network.get(sandbox_id)
@@ -168,7 +171,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
                 network_config=network.network_config())
         except cloudinit.CloudInitError as e:
             raise errors.invalid_argument(f"cloud-init data: {e}") from None
-        write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
+        with _step("cannot write the VM's cloud-init disk"):
+            write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
 
         disks = [Disk(str(files.root_disk), "sda" if vm.disk_driver == "scsi" else "vda", bus=vm.disk_driver),
                  Disk(str(files.cloud_init_iso), "sdb" if vm.disk_driver == "scsi" else "vdb",
@@ -209,11 +213,20 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         _rollback(rt, container_id, domain, files)
         if isinstance(e, ImageError):
             raise errors.CRIError(e.code, str(e)) from None
-        if isinstance(e, VolumeError):
-            raise errors.failed_precondition(f"cannot create the VM's root disk: {e}") from None
+        if isinstance(e, VolumeError):  # a step without its own wording
+            raise errors.failed_precondition(f"cannot build the VM's files: {e}") from None
         raise
     rt.events.container_event(rt, container_id, api_pb2.CONTAINER_CREATED_EVENT)
     return api_pb2.CreateContainerResponse(container_id=container_id)
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    """A VolumeError of this step is FAILED_PRECONDITION saying what failed (the error names the file and why)."""
+    try:
+        yield
+    except VolumeError as e:
+        raise errors.failed_precondition(f"{what}: {e}") from None
 
 
 def _rollback(rt: Runtime, container_id: str, domain: str, files) -> None:

@@ -8,10 +8,15 @@ state; recovery (recovery.py) then reconciles it with libvirt and the disks.
 
 Records keep the kubelet's configs as serialized protobuf, so labels,
 annotations and everything the CRI returns round-trip unchanged.
+
+A write that sqlite cannot make because the file system is full is
+RESOURCE_EXHAUSTED naming that file system (what the operator has to free);
+the in-memory copy is untouched, so the store works again once there is room.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -19,6 +24,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+import grpc
+
+from image_service.store import mount_point
+
+from .errors import CRIError
 
 SCHEMA_VERSION = 1
 
@@ -96,6 +107,7 @@ def _decode(cls, record: str, config: bytes):
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -122,6 +134,18 @@ class Store:
 
     # -------------------------------------------------------------- writes
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """sqlite's "database or disk is full" (SQLITE_FULL) -> RESOURCE_EXHAUSTED naming the file system."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            raise CRIError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the file system on {mount_point(self.path.parent)} is full: cannot write vmlet's "
+                           f"metadata ({self.path}): {e}") from None
+
     def _insert(self, table: str, rec, extra_cols: dict[str, str]) -> None:
         record, config = _encode(rec)
         cols = ["id", "name_key", *extra_cols, "record", "config"]
@@ -136,41 +160,42 @@ class Store:
             raise
 
     def add_sandbox(self, sb: SandboxRecord) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._insert("sandboxes", sb, {})
             self.sandboxes[sb.id] = sb
 
     def add_container(self, c: ContainerRecord) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._insert("containers", c, {"sandbox_id": c.sandbox_id})
             self.containers[c.id] = c
 
     def update_sandbox(self, sb: SandboxRecord) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             record, config = _encode(sb)
             self._db.execute("UPDATE sandboxes SET record = ?, config = ? WHERE id = ?", (record, config, sb.id))
             self.sandboxes[sb.id] = sb
 
     def update_container(self, c: ContainerRecord) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             record, config = _encode(c)
             self._db.execute("UPDATE containers SET record = ?, config = ? WHERE id = ?", (record, config, c.id))
             self.containers[c.id] = c
 
     def delete_container(self, container_id: str) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
             self.containers.pop(container_id, None)
 
     def delete_sandbox(self, sandbox_id: str) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute("BEGIN")
             try:
                 self._db.execute("DELETE FROM containers WHERE sandbox_id = ?", (sandbox_id,))
                 self._db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLITE_FULL may have rolled it back already
+                    self._db.execute("ROLLBACK")
                 raise
             for cid in [c.id for c in self.containers.values() if c.sandbox_id == sandbox_id]:
                 del self.containers[cid]

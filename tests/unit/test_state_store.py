@@ -49,3 +49,39 @@ def test_resolve_id_exact_prefix_ambiguous():
     assert resolve_id(ids, "ab") == ["abc123", "abd456"]
     assert resolve_id(ids, "zz") is None
     assert resolve_id(ids, "") is None
+
+
+def test_a_full_database_is_resource_exhausted_naming_the_file_system_and_memory_stays_consistent(tmp_path):
+    import grpc
+
+    from cri_shim.errors import CRIError
+    from image_service.store import mount_point
+
+    store = Store(tmp_path / "vmlet.db")
+    store.add_sandbox(sandbox("s1"))
+    store.add_container(container("c1", "s1", "vm_pod_ns_uid_0"))
+    # sqlite's own SQLITE_FULL ("database or disk is full"), as from a full file system: no page may be added.
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    big = b"x" * 65536  # needs new pages
+    writes = [
+        lambda: store.add_sandbox(dataclasses.replace(sandbox("s2", "other_ns_uid_0"), config=big)),
+        lambda: store.add_container(dataclasses.replace(container("c2", "s1", "vm2_pod_ns_uid_0"), config=big)),
+        lambda: store.update_container(dataclasses.replace(store.containers["c1"], config=big)),
+        lambda: store.update_sandbox(dataclasses.replace(store.sandboxes["s1"], config=big)),
+    ]
+    for write in writes:
+        with pytest.raises(CRIError) as e:
+            write()
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"the file system on {mount_point(tmp_path)} is full" in e.value.message
+        assert str(tmp_path / "vmlet.db") in e.value.message and "database or disk is full" in e.value.message
+    assert set(store.sandboxes) == {"s1"} and set(store.containers) == {"c1"}
+    assert store.containers["c1"].config == b"\x01" and store.sandboxes["s1"].config == b"\x0a\x00"
+
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # room again: the same connection works
+    store.add_sandbox(dataclasses.replace(sandbox("s2", "other_ns_uid_0"), config=big))
+    store.delete_sandbox("s1")
+    store.close()
+    store = Store(tmp_path / "vmlet.db")
+    assert set(store.sandboxes) == {"s2"} and not store.containers and store.sandboxes["s2"].config == big
