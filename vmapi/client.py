@@ -85,11 +85,21 @@ def _json(resp: Any) -> dict[str, Any]:
     return json.loads(resp.data or b"{}")
 
 
-class Kube:
-    """The API calls the controller and vmctl make; dicts in, dicts out."""
+DEFAULT_TIMEOUT = 30.0
 
-    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+
+class Kube:
+    """The API calls the controller and vmctl make; dicts in, dicts out.
+
+    Every call has a deadline (`timeout` seconds to connect, and again to read the
+    answer): without one a request that the API server (or a half-open connection)
+    never answers blocks the VM's worker thread for good.
+    """
+
+    def __init__(self, api: kubernetes.client.ApiClient, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.api = api
+        self.timeout = timeout
+        self._opts: dict[str, Any] = {"_preload_content": False, "_request_timeout": (timeout, timeout)}
         self.core = kubernetes.client.CoreV1Api(api)
         self.custom = kubernetes.client.CustomObjectsApi(api)
 
@@ -97,7 +107,7 @@ class Kube:
     @uses("", "pods", "get")
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return _json(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
+            return _json(self.core.read_namespaced_pod(name, namespace, **self._opts))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -107,7 +117,7 @@ class Kube:
     def create_pod(self, manifest: dict[str, Any]) -> dict[str, Any]:
         try:
             return _json(self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest,
-                                                         _preload_content=False))
+                                                         **self._opts))
         except ApiException as e:
             if e.status == 409:
                 raise Conflict(f"pod {manifest['metadata']['name']} already exists") from None
@@ -119,7 +129,7 @@ class Kube:
         body = kubernetes.client.V1DeleteOptions(
             preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
         try:
-            self.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
+            self.core.delete_namespaced_pod(name, namespace, body=body, **self._opts)
             return True
         except ApiException as e:
             if e.status == 404:
@@ -133,7 +143,7 @@ class Kube:
     def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return _json(self.custom.get_namespaced_custom_object(
-                types.GROUP, types.VERSION, namespace, types.PLURAL, name, _preload_content=False))
+                types.GROUP, types.VERSION, namespace, types.PLURAL, name, **self._opts))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -143,10 +153,10 @@ class Kube:
     def list_vms(self, namespace: str | None) -> list[dict[str, Any]]:
         if namespace is None:
             resp = self.custom.list_cluster_custom_object(types.GROUP, types.VERSION, types.PLURAL,
-                                                          _preload_content=False)
+                                                          **self._opts)
         else:
             resp = self.custom.list_namespaced_custom_object(types.GROUP, types.VERSION, namespace, types.PLURAL,
-                                                             _preload_content=False)
+                                                             **self._opts)
         items = _json(resp).get("items") or []
         # kmock (and only it) ignores the namespace of a namespaced list: filter here too.
         return [i for i in items if namespace is None or i.get("metadata", {}).get("namespace") == namespace]
@@ -156,7 +166,7 @@ class Kube:
         try:
             return _json(self.custom.patch_namespaced_custom_object(
                 types.GROUP, types.VERSION, namespace, types.PLURAL, name, patch,
-                _content_type=MERGE, _preload_content=False))
+                _content_type=MERGE, **self._opts))
         except ApiException as e:
             if e.status == 409:
                 raise Conflict(f"virtualmachine {name} changed meanwhile") from None
@@ -166,7 +176,7 @@ class Kube:
     def patch_vm_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return _json(self.custom.patch_namespaced_custom_object_status(
             types.GROUP, types.VERSION, namespace, types.PLURAL, name, {"status": status},
-            _content_type=MERGE, _preload_content=False))
+            _content_type=MERGE, **self._opts))
 
 
 # Used by vmctl only (it runs with the user's credentials, not the controller's).

@@ -21,14 +21,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import kopf
+import urllib3.exceptions
+from kubernetes.client.rest import ApiException
 
 from vmapi import podspec, reconcile, types
-from vmapi.client import Kube, connection_info
+from vmapi.client import Conflict, Kube, connection_info
 
+T = TypeVar("T")
 FINALIZER = "vmlet.dev/vm-controller"
 ERROR_BACKOFF = (0.5, 1, 2, 5, 10, 30, 60)
 
@@ -40,7 +44,16 @@ class Context:
     kube: Kube
     opts: reconcile.Options = dataclasses.field(default_factory=reconcile.Options)
     wakeups: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
+    # One VM's passes and its finalization never overlap, even when kopf has cancelled the worker
+    # whose pass still runs in its thread: a pass that read the VM before its deletion and creates
+    # the pod afterwards would leave a pod behind for a deleted VM.
+    locks: dict[tuple[str, str], threading.Lock] = dataclasses.field(default_factory=dict)
     passes: int = 0  # reconcile passes done (the benchmark reads it)
+
+    def locked(self, key: tuple[str, str], fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) (in a worker thread) holding the VM's lock."""
+        with self.locks.setdefault(key, threading.Lock()):
+            return fn(*args)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -59,13 +72,23 @@ def _ctx(memo: Any) -> Context:
     return memo["vmlet"]
 
 
+# What an API server or the network can do to a request; anything else raised by a pass is a bug.
+API_ERRORS = (ApiException, Conflict, urllib3.exceptions.HTTPError, OSError)
+
+
+def backoff(failures: int) -> float:
+    return ERROR_BACKOFF[min(max(failures, 1), len(ERROR_BACKOFF)) - 1]
+
+
 @kopf.on.login()
 def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
     return connection_info(_ctx(memo).kube.api)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    # kopf's own requests get the same deadline as ours (its default is 5 minutes per request).
+    settings.networking.request_timeout = settings.networking.connect_timeout = _ctx(memo).opts.request_timeout
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="vmlet.dev")
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -102,22 +125,26 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
             wake.clear()
             delay = ctx.opts.resync_seconds
             try:
-                res = await asyncio.to_thread(reconcile.reconcile_once, ctx.kube, namespace, name, ctx.opts,
-                                              time.time())
+                res = await asyncio.to_thread(ctx.locked, key, reconcile.reconcile_once, ctx.kube, namespace, name,
+                                              ctx.opts, time.time())
                 ctx.passes += 1
                 if res.vm is not None:
                     for type_, reason, message in res.events:
                         kopf.event(res.vm, type=type_, reason=reason, message=message)
                 failures = failures + 1 if res.error else 0
                 if res.error:
-                    logger.warning("reconcile: %s", res.error)
-                    delay = ERROR_BACKOFF[min(failures, len(ERROR_BACKOFF)) - 1]
+                    delay = max(backoff(failures), res.retry_after or 0)
+                    logger.warning("reconcile: %s (retry in %ss)", res.error, delay)
                 elif res.requeue_after is not None:
                     delay = min(delay, res.requeue_after)
-            except Exception as e:  # API unreachable, 5xx, a bug: log and retry later, never die
+            except API_ERRORS as e:  # API unreachable, 5xx, 429, a timeout: retry later, never die
                 failures += 1
-                delay = ERROR_BACKOFF[min(failures, len(ERROR_BACKOFF)) - 1]
-                logger.warning("reconcile failed (retry in %ss): %s", delay, e, exc_info=failures == 1)
+                delay = max(backoff(failures), reconcile.retry_after(e) or 0)
+                logger.warning("reconcile failed (retry in %ss): %s", delay, e)
+            except Exception:  # a bug: say so loudly, keep serving the other VMs, retry slowly
+                failures += 1
+                delay = backoff(len(ERROR_BACKOFF))
+                logger.error("reconcile crashed (retry in %ss)", delay, exc_info=True)
             try:
                 await asyncio.wait_for(wake.wait(), timeout=delay)
             except TimeoutError:
@@ -128,8 +155,15 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
 
 
 @kopf.on.delete(types.GROUP, types.VERSION, types.PLURAL)
-async def vm_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
-    done = await asyncio.to_thread(reconcile.finalize, _ctx(memo).kube, dict(body))
+async def vm_deleted(body: kopf.Body, memo: Any, retry: int, namespace: str, name: str, **_: Any) -> None:
+    ctx = _ctx(memo)
+    try:
+        done = await asyncio.to_thread(ctx.locked, (namespace, name), reconcile.finalize, ctx.kube, dict(body))
+    except API_ERRORS as e:
+        # Not kopf's default for an exception (retry in 60 s): the API's own back-off, or ours.
+        raise kopf.TemporaryError(f"deleting the VM pod: {reconcile.short(e)}",
+                                  delay=max(backoff(retry + 1), reconcile.retry_after(e) or 0)) from None
     if not done:
         raise kopf.TemporaryError("waiting for the VM pod to terminate", delay=2)
+    ctx.locks.pop((namespace, name), None)
     kopf.event(dict(body), type="Normal", reason="Deleted", message="VM pod is gone")

@@ -31,7 +31,8 @@ USER_AGENT = "vmlet-controller"
 def make_memo(kubeconfig: str | None = None, opts: reconcile.Options | None = None,
               context: str | None = None) -> kopf.Memo:
     api = load_api_client(kubeconfig, context=context, user_agent=USER_AGENT)
-    return kopf.Memo(vmlet=controller.Context(kube=Kube(api), opts=opts or reconcile.Options()))
+    opts = opts or reconcile.Options()
+    return kopf.Memo(vmlet=controller.Context(kube=Kube(api, timeout=opts.request_timeout), opts=opts))
 
 
 async def run(*, kubeconfig: str | None = None, opts: reconcile.Options | None = None,
@@ -58,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resync", type=float, default=60.0, help="seconds between periodic reconciles of a VM")
     p.add_argument("--crashloop-base", type=float, default=reconcile.Options.backoff_base,
                    help="crash-loop back-off base in seconds")
+    p.add_argument("--request-timeout", type=float, default=reconcile.Options.request_timeout,
+                   help="seconds an API request may take to connect, and again to answer")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = reconcile.Options(resync_seconds=args.resync, backoff_base=args.crashloop_base)
+    opts = reconcile.Options(resync_seconds=args.resync, backoff_base=args.crashloop_base,
+                             request_timeout=args.request_timeout)
     asyncio.run(run(kubeconfig=args.kubeconfig, opts=opts, standalone=args.standalone, peering=args.peering,
                     priority=args.priority, namespaces=args.namespaces, liveness=args.liveness))
     return 0

@@ -32,6 +32,7 @@ class Options:
     resync_seconds: float = 60.0
     backoff_base: float = strategy.BACKOFF_BASE
     backoff_cap: float = strategy.BACKOFF_CAP
+    request_timeout: float = 30.0  # per API request (connect, then read), the controller's and kopf's
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class Result:
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, message)
     requeue_after: float | None = None
     error: str | None = None  # an API call failed: retry with back-off
+    retry_after: float | None = None  # ...not before this many seconds (the server's Retry-After)
     wrote: int = 0  # API writes made (for the benchmark and tests)
 
 
@@ -98,8 +100,9 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
                                   f"deleted VM pod {pod['metadata']['name']}: {decision.reason}"))
     except (ApiException, Conflict) as e:
         acted = False
-        action_error = f"{decision.action} pod: {_short(e)}"
+        action_error = f"{decision.action} pod: {short(e)}"
         result.error = action_error
+        result.retry_after = retry_after(e)
         reason = "FailedCreate" if decision.action == "create" else "FailedDelete"
         result.events.append(("Warning", reason, action_error))
 
@@ -146,10 +149,19 @@ def _transition_events(prev: dict[str, Any], new: dict[str, Any]) -> list[tuple[
     return events
 
 
-def _short(e: Exception) -> str:
+def short(e: BaseException) -> str:
     if isinstance(e, ApiException):
         return f"{e.status} {e.reason}"
     return str(e)
+
+
+def retry_after(e: BaseException) -> float | None:
+    """The server's Retry-After (429, 503) in seconds, when it sent one."""
+    headers = getattr(e, "headers", None) if isinstance(e, ApiException) else None
+    try:
+        return float(headers["Retry-After"]) if headers and headers.get("Retry-After") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def finalize(kube: Kube, vm: dict[str, Any]) -> bool:

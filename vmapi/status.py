@@ -102,7 +102,10 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
         "observedGeneration": meta.get("generation", prev.get("observedGeneration")),
         "restartCount": prev.get("restartCount"),
     }
-    if created:
+    # A pod not recorded before counts by its uid, not by who made it: a create whose answer was lost
+    # (the pod exists, the pass that made it never knew) or a pod another controller made counts once.
+    pod_uid = (pod.get("metadata") or {}).get("uid") if pod is not None else None
+    if created or (pod_uid and pod_uid != prev.get("podUID") and podspec.is_owned_by(pod, vm)):
         out["restartCount"] = 0 if prev.get("restartCount") is None else prev["restartCount"] + 1
     ready = pod is not None and pod_ready(pod)
     out["ready"] = ready

@@ -49,7 +49,11 @@ else:
     async def server():
         async with ApiServer() as srv, kmock.Server(srv):
             declare_resources(srv)
-            yield srv
+            try:
+                yield srv
+            finally:  # no fault outlives the test; hanging answers end now
+                srv.faults = srv.on_request = None
+                srv.released.set()
 
     @pytest.fixture
     def kubeconfig(server, tmp_path):

@@ -30,12 +30,13 @@ import kmock
 import kubernetes
 import yaml
 
+from tests.integration.vmapi import faults
 from vmapi import operator, podspec, reconcile, types
 from vmapi.client import MERGE, Kube, load_api_client
 
 VM_RESOURCE = f"{types.GROUP}/{types.VERSION}/{types.PLURAL}"
 NS = "default"
-FAST = reconcile.Options(resync_seconds=2.0, backoff_base=0.5, backoff_cap=2.0)
+FAST = reconcile.Options(resync_seconds=2.0, backoff_base=0.5, backoff_cap=2.0, request_timeout=2.0)
 
 
 class _InFlight(list):
@@ -67,6 +68,8 @@ class ApiServer(kmock.KubernetesEmulator):
 
     _rv = 0
     fail_when = None  # a predicate on the request: answer 500 without storing anything (outage tests)
+    faults = None  # a faults.Schedule (request -> Fault | None) for the controller's requests
+    on_request = None  # hook(request, phase) with phase "before"/"after" (the write applied): kill tests
 
     def _next_rv(self) -> str:
         ApiServer._rv += 1
@@ -76,6 +79,7 @@ class ApiServer(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._requests = _InFlight()
         self.log: list[Any] = []  # every request, for assertions
+        self.released = asyncio.Event()  # set at the end of a test: hanging answers end
 
     def _KubernetesEmulator__get_objs(self, request, strict: bool) -> list:
         """kmock's object lookup (its private `__get_objs`), same result, less work: kmock compares
@@ -108,9 +112,42 @@ class ApiServer(kmock.KubernetesEmulator):
             self._requests.inflight.pop(id(request), None)
 
     async def _serve(self, request):
+        if self.on_request is not None:
+            self.on_request(request, "before")
+        fault = self.faults(request) if self.faults is not None else None
+        if fault is not None:
+            response = await self._inject(request, fault)
+            if response is not None:
+                return response
+        response = await self._store(request)
+        if self.on_request is not None:
+            self.on_request(request, "after")
+        return response
+
+    async def _inject(self, request, fault: faults.Fault):
+        """The faulty answer, or None to serve the request normally (after a delay)."""
+        if fault.kind == "slow":
+            await asyncio.sleep(fault.delay)
+            return None
+        if fault.kind == "status":
+            return faults.error_response(fault.status, fault.retry_after)
+        if fault.kind == "status_after":
+            await self._store(request)
+            return faults.error_response(500)
+        if fault.kind == "hang":
+            return await faults.hang(request, self.released)
+        if fault.kind == "reset":
+            return faults.reset(request)
+        if fault.kind in faults.WATCH_KINDS and request.action == kmock.action.WATCH:
+            return await faults.faulty_watch(self, request, fault)
+        return None
+
+    async def _store(self, request):
         data = request.data
         if self.fail_when is not None and self.fail_when(request):
             raise kmock.KubernetesError(status=500, reason="InternalError", message="injected failure")
+        if request.resource is not None and request.action == kmock.action.DELETE and request.name:
+            self._check_preconditions(request)
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
             md = data.setdefault("metadata", {})
             md.setdefault("namespace", request.namespace)
@@ -141,6 +178,24 @@ class ApiServer(kmock.KubernetesEmulator):
                     raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from None
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": self._next_rv()})
         return await super()._handle(request)
+
+
+    def _check_preconditions(self, request) -> None:
+        """DeleteOptions.preconditions (uid, resourceVersion): 409 when they do not hold, as on a real server."""
+        pre = (request.data or {}).get("preconditions") if isinstance(request.data, dict) else None
+        if not pre:
+            return
+        key = (request.resource, request.namespace, request.name)
+        stored = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
+        if stored is None:
+            return  # 404 from kmock
+        smeta = stored.get("metadata") or {}
+        for field in ("uid", "resourceVersion"):
+            if pre.get(field) and pre[field] != smeta.get(field):
+                raise kmock.KubernetesError(
+                    status=409, reason="Conflict",
+                    message=f"Precondition failed: {field} in precondition: {pre[field]}, "
+                            f"{field} in object meta: {smeta.get(field)}")
 
 
 def declare_resources(server: kmock.KubernetesEmulator) -> None:
@@ -206,6 +261,9 @@ class Operator:
         for ev in wakeups:
             self.loop.call_soon_threadsafe(ev.set)
         return len(wakeups)
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
     @property
     def passes(self) -> int:
