@@ -282,8 +282,11 @@ def fuzzer(libvirt_conn, test_image, fuzz_image_server, work_root, test_network)
         live = Live(proc.client, log_dir)
         yield Fuzzer(proc, daemon_dir, watch, live)
     finally:
-        problems = _teardown(proc, live, watch, cni_dir, test_network, daemon_dir)
-        watch.close()
+        try:
+            problems = _teardown(proc, live, watch, cni_dir, test_network, daemon_dir)
+        finally:
+            proc.kill()  # stopped gracefully by _teardown; this only acts if a check there raised
+            watch.close()
         pod_volumes.unmount_under(daemon_dir)
         shutil.rmtree(daemon_dir, ignore_errors=True)
     assert not problems, "the fuzzed daemon left things behind:\n" + "\n".join(problems)
