@@ -1,0 +1,102 @@
+"""Values that end up in the VM's definition (domain XML, libvirt metadata, cloud-init, paths), fuzzed on purpose.
+
+The one-field mutations pick among every field of a request, so the few that reach
+libvirt get few examples. Here every example changes one of them, with the values
+that broke runtimes before: characters XML 1.0 cannot carry (U+FFFE/U+FFFF, C0/C1
+controls) inside otherwise ordinary text, and integers at libvirt's edges. The pod is
+run, its container created and its status read: a value accepted by RunPodSandbox
+must not make CreateContainer fail with INTERNAL (issue #12 defect 5), and a refusal
+must name the field.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto.runtime.v1 import api_pb2
+
+from . import calls
+from .conftest import RPCS as R, examples
+from .protofuzz import INT_EDGES, _is_repeated
+from .test_mutations import names_what_was_wrong
+
+pytestmark = pytest.mark.libvirt
+
+XML_INVALID = ["\ufffe", "\uffff", "\x01", "\x08", "\x0b", "\x0c", "\x1b", "\x1f", "\x7f", "\x85", "\x9f"]
+# Where the pod's and the container's strings go: names into libvirt metadata and cloud-init, paths onto the host.
+POD_STRINGS = ["metadata.name", "metadata.namespace", "metadata.uid", "hostname", "log_directory"]
+CONTAINER_STRINGS = ["metadata.name", "image.image", "log_path", "mounts.container_path", "envs.key", "envs.value"]
+CONTAINER_INTS = ["linux.resources.cpu_period", "linux.resources.cpu_quota", "linux.resources.memory_limit_in_bytes",
+                  "linux.resources.cpu_shares"]
+LIBVIRT_EDGES = [999, 1000, 1000000, 1000001, 2**44 - 1, 2**44, 17592186044415, 2**62, 2**63 - 1, -2**63,
+                 64 * 2**20 - 1, 64 * 2**20, 2**40]
+
+
+def _text(marker: str, pre: str, post: str) -> str:
+    return pre + marker + post
+
+
+def hostile_text():
+    word = st.text("abcdefghij-", min_size=1, max_size=8)
+    return st.builds(_text, st.sampled_from(XML_INVALID), word, word)
+
+
+def _set(msg, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for name in parents:
+        if _is_repeated(msg.DESCRIPTOR.fields_by_name[name]):
+            items = getattr(msg, name)
+            msg = items[0] if len(items) else items.add()
+        else:
+            msg = getattr(msg, name)
+    if leaf == "log_directory" and isinstance(value, str):
+        value = "/tmp/vmlet-fuzz-logs/" + value  # absolute: the relative ones are a different refusal
+    if leaf == "container_path" and isinstance(value, str):
+        value = "/data/" + value
+    setattr(msg, leaf, value)
+
+
+@st.composite
+def vm_definition_change(draw):
+    side = draw(st.sampled_from(["pod", "container", "resources"]))
+    if side == "pod":
+        return "config." + draw(st.sampled_from(POD_STRINGS)), draw(hostile_text()), True
+    if side == "container":
+        return "config." + draw(st.sampled_from(CONTAINER_STRINGS)), draw(hostile_text()), False
+    value = draw(st.sampled_from(LIBVIRT_EDGES + [v for v in INT_EDGES if -2**63 <= v < 2**63]))
+    return "config." + draw(st.sampled_from(CONTAINER_INTS)), value, False
+
+
+@settings(max_examples=examples(30))
+@given(change=vm_definition_change())
+def test_values_that_reach_the_vm_definition(fuzzer, change):
+    path, value, on_pod = change
+    live = fuzzer.live
+    pod = live.pod_config()
+    container = live.container_config()
+    if path.startswith("config.mounts"):
+        container.mounts.add(host_path=str(live.log_dir / "fuzz-volume"))
+    run = api_pb2.RunPodSandboxRequest(config=pod)
+    create = api_pb2.CreateContainerRequest(config=container, sandbox_config=pod)
+    if on_pod:
+        _set(run, path, value)
+        create.sandbox_config.CopyFrom(run.config)
+    else:
+        _set(create, path, value)
+
+    def follow(answer):
+        if answer.rpc.name == "RunPodSandbox" and answer.code == calls.OK:
+            create.pod_sandbox_id = answer.response.pod_sandbox_id
+            return [(R["CreateContainer"], create)]
+        if answer.rpc.name == "CreateContainer" and answer.code == calls.OK:
+            return [(R["ContainerStatus"], api_pb2.ContainerStatusRequest(
+                container_id=answer.response.container_id, verbose=True))]
+        return []
+
+    def named(rpc, request, answer):
+        mine = (rpc.name == "RunPodSandbox") == on_pod and rpc.name in ("RunPodSandbox", "CreateContainer")
+        return names_what_was_wrong(rpc, request, answer, path, value) if mine else []
+
+    fuzzer.check([(R["RunPodSandbox"], run)], follow=follow, extra=named)
