@@ -69,7 +69,7 @@ class ApiServer(kmock.KubernetesEmulator):
     _rv = 0
     fail_when = None  # a predicate on the request: answer 500 without storing anything (outage tests)
     faults = None  # a faults.Schedule (request -> Fault | None) for the controller's requests
-    on_request = None  # hook(request, phase) with phase "before"/"after" (the write applied): kill tests
+    on_request = None  # hook(request, phase), phase "before" (True drops the request) or "after" it was applied
 
     def _next_rv(self) -> str:
         ApiServer._rv += 1
@@ -112,8 +112,8 @@ class ApiServer(kmock.KubernetesEmulator):
             self._requests.inflight.pop(id(request), None)
 
     async def _serve(self, request):
-        if self.on_request is not None:
-            self.on_request(request, "before")
+        if self.on_request is not None and self.on_request(request, "before"):
+            return faults.reset(request)  # the hook says the request never arrived
         fault = self.faults(request) if self.faults is not None else None
         if fault is not None:
             response = await self._inject(request, fault)

@@ -10,23 +10,22 @@ meanwhile no VM ever had two pods, no handler crashed and retries backed off.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
 import pytest
 
 from tests.integration.vmapi import faults
-from tests.integration.vmapi.convergence import (GONE, RUNNING, STOPPED, AutoKubelet, LogWatch, check, converged,
+from tests.integration.vmapi.convergence import (GONE, RUNNING, STOPPED, AutoKubelet, LogWatch, converged,
                                                  controller_requests)
-from tests.integration.vmapi.harness import Operator, wait_for
+from tests.integration.vmapi.harness import Operator
+from tests.integration.vmapi.profile import LONG, SEED
 from vmapi import requests
 
 pytestmark = pytest.mark.asyncio
 
-LONG = os.environ.get("VMLET_FUZZ", "ci") == "long"
 SEEDS = range(12) if LONG else range(2)
-MIX_SEEDS = range(100, 120) if LONG else range(100, 103)
+MIX_SEEDS = [SEED + i for i in (range(20) if LONG else range(3))]
 
 
 def every_fault_in_turn(seed: int) -> faults.Schedule:

@@ -1,0 +1,164 @@
+"""The controller SIGKILLed mid-reconcile: a real process, killed at a seeded instant of each flow.
+
+Each round sets the scene with the live controller (`python -m vmapi.operator`, the
+production entry point, as a subprocess of the test), then starts a flow — create,
+stop, start, delete or restart a VM — and SIGKILLs the controller at its n-th write
+(pod create/delete, VM patch, status patch, event), n and the instant seeded: just
+before the write reaches the API server (it is lost) or just after it was applied
+(the controller never learns it succeeded). A new controller then starts and every
+VM of every round so far must converge: exactly the pod its runStrategy asks for,
+a status matching it, never two pods for one VM, no pod left for a deleted VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import kmock
+import pytest
+
+from tests.integration.vmapi import faults
+from tests.integration.vmapi.convergence import GONE, RUNNING, STOPPED, AutoKubelet, converged, pods_of
+from tests.integration.vmapi.harness import wait_for, watches
+from tests.integration.vmapi.profile import LONG, SEED
+from vmapi import requests, types
+
+pytestmark = pytest.mark.asyncio
+
+ROUNDS = 60 if LONG else 20
+FLOWS = ("create", "stop", "start", "delete", "restart")
+WRITES = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+REPO = Path(__file__).resolve().parents[3]
+
+
+class ControllerProcess:
+    """`python -m vmapi.operator` against the emulator; its output goes to a file of the test's."""
+
+    def __init__(self, server, kubeconfig: Path, log: Path):
+        self.server, self.kubeconfig, self.log = server, kubeconfig, log
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> "ControllerProcess":
+        vms, pods = watches(self.server, types.PLURAL), watches(self.server, "pods")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmapi.operator", "--kubeconfig", str(self.kubeconfig), "--standalone",
+                 "--resync", "2", "--crashloop-base", "0.5", "--request-timeout", "2"],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+        await wait_for(lambda: (watches(self.server, types.PLURAL) > vms and watches(self.server, "pods") > pods)
+                       or self.proc.poll() is not None, timeout=20, what="the controller's watches")
+        assert self.proc.poll() is None, f"the controller exited: {self.log.read_text()[-3000:]}"
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.kill()
+        await asyncio.to_thread(self.proc.wait, 10)
+
+
+class KillSwitch:
+    """Kills the controller at its n-th write request from now, before (dropped) or after (applied) it."""
+
+    def __init__(self, controller: ControllerProcess, nth: int, phase: str):
+        self.controller, self.nth, self.phase = controller, nth, phase
+        self.count, self.fired, self.what = 0, False, None
+
+    def __call__(self, request, phase: str) -> bool:
+        if self.fired or request.action not in WRITES or not faults.from_controller(request):
+            return False
+        if phase == "before":
+            self.count += 1
+        if self.count == self.nth and phase == self.phase:
+            self.fired, self.what = True, f"{phase} {faults.request_kind(request)} {request.name or ''}"
+            self.controller.kill()
+            return phase == "before"  # the request dies with its sender
+        return False
+
+
+async def _prepare(cluster, server, flow: str, name: str) -> None:
+    """The state the flow starts from, made by the live controller."""
+    start_rs = {"create": None, "start": "Halted"}.get(flow, "Always")
+    if start_rs is None:
+        return
+    await cluster.create_vm(name, start_rs)
+    await converged(server, {name: STOPPED if start_rs == "Halted" else RUNNING}, timeout=10)
+
+
+async def _act(cluster, flow: str, name: str) -> str:
+    """Start the flow; the state it must end in."""
+    if flow == "create":
+        await cluster.create_vm(name, "Always")
+        return RUNNING
+    if flow == "stop":
+        await cluster.patch_vm(name, {"spec": {"runStrategy": "Halted"}})
+        return STOPPED
+    if flow == "start":
+        await cluster.patch_vm(name, {"spec": {"runStrategy": "Always"}})
+        return RUNNING
+    if flow == "delete":
+        await cluster.delete_vm(name)
+        return GONE
+    pod = await cluster.pod(name)
+    await cluster.patch_vm(name, {"metadata": {"annotations": {requests.ANNOTATION: requests.dump(
+        [requests.Request("Stop", pod["metadata"]["uid"]), requests.Request("Start")])}}})
+    return RUNNING
+
+
+async def test_controller_sigkilled_mid_flow_converges_after_restart(server, kubeconfig, cluster, tmp_path):
+    rng = random.Random(SEED)
+    want: dict[str, str] = {}
+    uids: dict[str, str] = {}
+    log = tmp_path / "controller.log"
+    ctl = await ControllerProcess(server, kubeconfig, log).start()
+    kills = []
+    try:
+        async with AutoKubelet(server, cluster) as kubelet:
+            for r in range(ROUNDS):
+                flow, name = FLOWS[r % len(FLOWS)], f"k{r}"
+                await _prepare(cluster, server, flow, name)
+                vm = await cluster.vm(name)
+                if vm is not None:
+                    uids[name] = vm["metadata"]["uid"]
+                before = (await cluster.pod(name) or {}).get("metadata", {}).get("uid")
+                switch = KillSwitch(ctl, nth=rng.randint(1, 7), phase=rng.choice(("before", "after")))
+                server.on_request = switch
+                want[name] = await _act(cluster, flow, name)
+                deadline = time.monotonic() + 3
+                while not switch.fired and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                server.on_request = None
+                ctl.kill()  # the flow had fewer writes: killed now, wherever it is
+                await ctl.stop()
+                kills.append(f"{r} {flow}: {switch.what or 'after the flow'}")
+                ctl = await ControllerProcess(server, kubeconfig, log).start()
+                try:
+                    await converged(server, want, timeout=20, uids=uids)
+                except AssertionError as e:
+                    raise AssertionError(f"round {r} ({kills[-1]}): {e}") from None
+                if flow == "restart":
+                    after = (await cluster.pod(name))["metadata"]["uid"]
+                    assert after != before, f"round {r}: the restart did not replace the pod"
+                    assert (await cluster.status(name))["restartCount"] == 1
+            assert not kubelet.twins, f"VMs with two pods: {kubelet.twins}"
+    finally:
+        server.on_request = None
+        await ctl.stop()
+    fired = [k for k in kills if "after the flow" not in k]
+    assert len(fired) >= ROUNDS // 2, f"the kill switch fired in only {len(fired)} rounds: {kills}"
+    for name, state in want.items():
+        if state == GONE:
+            assert not pods_of(server, name, uids.get(name)), name
+    assert "Traceback" not in log.read_text().replace("KeyboardInterrupt", ""), log.read_text()[-3000:]
