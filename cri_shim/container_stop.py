@@ -110,6 +110,9 @@ def request_stop(rt: Runtime, c: ContainerRecord, timeout: float) -> VMStop | No
     """Start the VM's stop, or bring a running one's deadline forward. Call with the container's lock held.
 
     None when nothing runs (a created container is marked exited here)."""
+    c = rt.store.containers.get(c.id)  # callers may hold a record read before they got the lock
+    if c is None:
+        return None
     if c.state == api_pb2.CONTAINER_CREATED:
         # Never started: nothing runs. Mark it exited so the kubelet can remove it.
         with rt.store_lock():
@@ -158,7 +161,7 @@ def stop_container(rt: Runtime, req: api_pb2.StopContainerRequest,
                    client_active: ClientActive | None = None) -> api_pb2.StopContainerResponse:
     c = rt.container(req.container_id)
     with rt.lock(c.id):  # only to start the stop: the wait for the guest holds no lock
-        stop = request_stop(rt, rt.store.containers.get(c.id, c), req.timeout)
+        stop = request_stop(rt, c, req.timeout)
     if stop is not None:
         stop.wait(client_active)
     return api_pb2.StopContainerResponse()

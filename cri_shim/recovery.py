@@ -55,9 +55,10 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
         try:
             if rt.network.teardown_interrupted(sb.id):
                 # StopPodSandbox died after teardown began: CNI DEL may have released the pod IP already
-                # (another pod may hold it now). Finish the teardown; this network is not coming back.
-                rt.network.teardown(sb.id)
-                raise NetworkLost("its teardown was interrupted by a crash of vmlet (now finished)")
+                # (another pod may hold it now). The kubelet's StopPodSandbox of the NOTREADY sandbox finishes
+                # the teardown; a CNI plugin that hangs on DEL must not hold up the start of the daemon.
+                rt.network.stop_dhcp(sb.id)
+                raise NetworkLost("its teardown was interrupted by a crash of vmlet")
             # dnsmasq restarted, links re-created if they went missing; raises if the network is gone
             # (netns, eth0 or CNI's result lost).
             rt.network.ensure(sb.id)

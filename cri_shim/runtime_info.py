@@ -11,6 +11,7 @@ pod still wants a DHCP server at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 from proto.runtime.v1 import api_pb2
 
 from .main import package_version
-from .network import NetworkError, dhcp
+from .network import NetworkError, NetworkLost, dhcp
 from .runtime import Runtime
 
 log = logging.getLogger("vmlet.cri")
@@ -59,6 +60,13 @@ class _DHCPRepair:
             repaired = rt.network.ensure(sandbox_id)  # a no-op for a pod being stopped or removed
             if repaired:
                 log.warning("sandbox %s: its network had to be repaired: %s", sandbox_id[:12], ", ".join(repaired))
+        except NetworkLost as e:
+            # Nothing vmlet may re-create (eth0, CNI's result, the netns): the kubelet must recreate the pod.
+            log.warning("sandbox %s lost its network: %s; marking it not ready", sandbox_id[:12], e)
+            with rt.store_lock():
+                sb = rt.store.sandboxes.get(sandbox_id)
+                if sb is not None and sb.state == api_pb2.SANDBOX_READY:
+                    rt.store.update_sandbox(dataclasses.replace(sb, state=api_pb2.SANDBOX_NOTREADY))
         except (NetworkError, OSError, ValueError) as e:
             log.warning("sandbox %s: cannot repair its network: %s", sandbox_id[:12], e)
         except Exception:  # noqa: BLE001 - a worker thread: log the bug, Status goes on

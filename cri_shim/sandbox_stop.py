@@ -24,7 +24,7 @@ def stop_pod_sandbox(rt: Runtime, req: api_pb2.StopPodSandboxRequest) -> api_pb2
     with rt.lock(sb.id):
         for c in rt.store.containers_of(sb.id):
             with rt.lock(c.id):
-                stop_vm(rt, c, timeout=0)
+                stop_vm(rt, c, timeout=0)  # re-reads the record under the lock
         try:
             rt.network.teardown(sb.id)  # CNI DEL, DHCP server, links; idempotent
         except NetworkError as e:
@@ -46,7 +46,9 @@ def remove_pod_sandbox(rt: Runtime, req: api_pb2.RemovePodSandboxRequest) -> api
     with rt.lock(sb.id):
         for c in rt.store.containers_of(sb.id):
             with rt.lock(c.id):
-                remove_vm(rt, c)
+                current = rt.store.containers.get(c.id)  # a RemoveContainer may have been first
+                if current is not None:
+                    remove_vm(rt, current)
         try:
             rt.network.remove(sb.id)  # teardown if still up, then the netns
         except NetworkError as e:

@@ -55,6 +55,7 @@ def work_root() -> Iterator[Path]:
     for p in (libvirt_env.WORK_ROOT, root):
         p.chmod(0o755)
     yield root
+    libvirt_env.release_work_dir(root)
     shutil.rmtree(root, ignore_errors=True)
 
 

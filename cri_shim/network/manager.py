@@ -259,6 +259,11 @@ class NetworkManager:
         """Teardown began and never finished, or finished without the sandbox learning of it (a crash)."""
         return self.phase(sandbox_id) in (PHASE_TEARING_DOWN, PHASE_STOPPED)
 
+    def stop_dhcp(self, sandbox_id: str) -> None:
+        """Stop the pod's dnsmasq (the first step of teardown), nothing else."""
+        with self._lock(check_sandbox_id(sandbox_id)):
+            dhcp.stop(self.pidfile(sandbox_id))
+
     def ensure(self, network: PodNetwork | str) -> list[str]:
         """Repair a ready pod's network after a restart: links, wiring, NAT rules, dnsmasq.
 

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -144,12 +145,44 @@ def leftover_qemu_processes() -> list[str]:
             if "qemu-system" in line and f"guest={RUN_PREFIX}" in line]
 
 
+def release_work_dir(d: Path) -> None:
+    """Stop what a run's vmlet daemons left under `d` (daemons, pod networks, volume binds) before it is deleted.
+
+    Pod netns and host links are named after random sandbox IDs and dnsmasq's pidfile lies under the state
+    dir: once the directory is gone nothing can tell them from another run's, so they go first."""
+    from cri_shim import pod_volumes
+    from cri_shim.network import NetworkManager
+
+    prefix = f"{d}/".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix) for a in argv[1:]) and b"cri_shim.main" in argv:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for records in d.glob("**/network"):
+        state = records.parent
+        if records.is_dir() and (state / "vmlet.db").exists():
+            try:
+                NetworkManager(state).sweep([])
+            except Exception as e:  # noqa: BLE001 - best effort: report, and go on with the rest
+                print(f"sweeping the pod networks of {state} failed: {e}")
+    pod_volumes.unmount_under(d)
+
+
 def remove_stale_work_dirs() -> list[Path]:
-    """Remove run-<pid> work dirs of test runs that no longer exist (killed runs)."""
+    """Remove run-<pid> work dirs of test runs that no longer exist (killed runs), with what they left running."""
     removed = []
     for d in WORK_ROOT.glob("run-*"):
         pid = d.name.removeprefix("run-")
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            release_work_dir(d)
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

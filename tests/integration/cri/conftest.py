@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from pathlib import Path
@@ -60,23 +61,36 @@ def vmlet_factory(libvirt_conn, test_image, image_server, vmlet_dir, cni_conf_di
         return proc
 
     yield make
-    for proc in made:
-        if proc.alive():
-            client = proc.client or cri.connect(proc.socket)
-            try:
-                for sb in client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
-                    client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=60)
-            except grpc.RpcError:
-                pass
-            proc.stop()
-    libvirt_env.sweep(libvirt_conn)
-    for proc in made:
-        if proc.state_dir.exists():
-            NetworkManager(proc.state_dir, cni_conf_dir, [netsupport.CNI_BIN_DIR]).sweep([])
+    # Every step runs even when an earlier one fails (libvirtd restarted by a fault test, a stuck daemon):
+    # the first failure is raised at the end.
+    with contextlib.ExitStack() as cleanup:
+        for proc in made:
+            cleanup.callback(_sweep_network, proc, cni_conf_dir)
+        cleanup.callback(libvirt_env.sweep, libvirt_conn)
+        for proc in made:
+            cleanup.callback(_remove_pods_and_stop, proc)
     held = test_network.allocated_ips()
     for f in test_network.ipam_dir.glob("*/[0-9]*"):
         f.unlink()
     assert not held, f"pod IPs not released: {held}"
+
+
+def _remove_pods_and_stop(proc: cri.VmletProcess) -> None:
+    """What the kubelet does to a node's pods before the daemon goes: remove them all."""
+    try:
+        if proc.alive():
+            client = proc.client or cri.connect(proc.socket)
+            for sb in client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
+                client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=60)
+    except grpc.RpcError:
+        pass
+    finally:
+        proc.stop()
+
+
+def _sweep_network(proc: cri.VmletProcess, cni_conf_dir: Path) -> None:
+    if proc.state_dir.exists():
+        NetworkManager(proc.state_dir, cni_conf_dir, [netsupport.CNI_BIN_DIR]).sweep([])
 
 
 @pytest.fixture

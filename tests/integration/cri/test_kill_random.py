@@ -10,9 +10,9 @@ also lands between RPCs). Then:
 1. the daemon must start again (recovery never refuses to start);
 2. what it reports agrees with the facts: every container it lists is
    running exactly when its libvirt domain runs, every domain and VM directory
-   belongs to a listed container, the pod IPs CNI holds are exactly the IPs of
-   the ready sandboxes, a dnsmasq runs only for a ready sandbox, an image's
-   holders are listed containers;
+   belongs to a listed container, every ready sandbox's IP is held by IPAM and
+   IPAM holds no IP of a sandbox vmlet does not list, a dnsmasq runs only for a
+   ready sandbox, an image's holders are listed containers;
 3. the kubelet's next steps finish the pod from wherever it was (retrying the
    killed RPC where the kubelet would);
 4. nothing is left: no domain, VM directory, network record, netns, host
@@ -125,12 +125,19 @@ def check_agrees(node: Node, conn, where: str) -> None:
     if extra := node.dirs("vms") - cids:
         problems.append(f"VM directories without a container: {sorted(extra)}")
     ready = {s.id for s in sandboxes if s.state == api_pb2.SANDBOX_READY}
-    ready_ips = set()
-    for sid in ready:
-        st = node.rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10).status
-        ready_ips.add(st.network.ip)
-    if set(node.net.allocated_ips()) != ready_ips:
-        problems.append(f"IPAM holds {node.net.allocated_ips()}, the ready sandboxes have {sorted(ready_ips)}")
+    ready_ips, all_ips = set(), set()
+    for s in sandboxes:
+        st = node.rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=s.id), timeout=10).status
+        all_ips.add(st.network.ip)
+        if s.id in ready:
+            ready_ips.add(st.network.ip)
+    held = set(node.net.allocated_ips())
+    # A ready sandbox holds its IP; a not-ready one may still (its teardown is the kubelet's StopPodSandbox to
+    # finish); nothing else may.
+    if not ready_ips <= held:
+        problems.append(f"ready sandboxes have {sorted(ready_ips - held)}, which IPAM does not hold (released)")
+    if not held <= all_ips:
+        problems.append(f"IPAM holds {sorted(held - all_ips)} for no sandbox vmlet knows")
     if extra := node.dnsmasq_sandboxes() - ready:
         problems.append(f"dnsmasq runs for sandboxes that are not ready: {sorted(extra)}")
     if extra := node.dirs("network") - sids:
