@@ -31,13 +31,16 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
             # The read-only bind mounts made at create time are gone after a host reboot.
             pod_volumes.prepare(files.dir, pod_volumes.load(files.volumes_record)[0])
             rt.host.start(c.domain_name)
-        except (libvirt.libvirtError, LookupError, OSError, pod_volumes.VolumeMountError) as e:
+        except libvirt.libvirtError as e:
+            if not errors.libvirt_unreachable(e):
+                _start_failed(rt, c.id, files, e)
+                raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
+            # libvirtd restarting: the container stays CREATED, the kubelet's retry may start it.
             pod_volumes.release(files.dir)
-            with rt.store_lock():
-                rt.store.update_container(dataclasses.replace(
-                    rt.container(c.id), state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(),
-                    exit_code=START_ERROR_EXIT, reason="StartError", message=str(e)))
-            rt.events.container_event(rt, c.id, api_pb2.CONTAINER_STOPPED_EVENT)
+            raise errors.unavailable(f"cannot start the VM of container {c.id} now: libvirtd is not reachable: "
+                                     f"{e}") from None
+        except (LookupError, OSError, pod_volumes.VolumeMountError) as e:
+            _start_failed(rt, c.id, files, e)
             raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
         crashpoint("start.after-boot")
         with rt.store_lock():
@@ -48,3 +51,13 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
         # A guest that powered off before RUNNING was recorded had its stop event ignored.
         rt.record_exit(c.id)
     return api_pb2.StartContainerResponse()
+
+
+def _start_failed(rt: Runtime, container_id: str, files, e: BaseException) -> None:
+    """The VM cannot start: the container exits with StartError, as containerd's does."""
+    pod_volumes.release(files.dir)
+    with rt.store_lock():
+        rt.store.update_container(dataclasses.replace(
+            rt.container(container_id), state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(),
+            exit_code=START_ERROR_EXIT, reason="StartError", message=str(e)))
+    rt.events.container_event(rt, container_id, api_pb2.CONTAINER_STOPPED_EVENT)

@@ -70,6 +70,17 @@ _LIBVIRT_UNAVAILABLE = frozenset(getattr(libvirt, name) for name in (
     "VIR_ERR_NO_CONNECT", "VIR_ERR_RPC", "VIR_ERR_AUTH_FAILED", "VIR_ERR_AUTH_UNAVAILABLE") if hasattr(libvirt, name))
 
 
+# How a lost connection to libvirtd shows up on a call already under way (libvirtd restarted, killed).
+_CONNECTION_LOST = ("client socket is closed", "Broken pipe", "End of file while reading data",
+                    "Cannot recv data", "Cannot write data")
+
+
+def libvirt_unreachable(e: libvirt.libvirtError) -> bool:
+    """libvirtd was out of reach: a retry once it is back may work."""
+    message = e.get_error_message() or str(e)
+    return e.get_error_code() in _LIBVIRT_UNAVAILABLE or any(m in message for m in _CONNECTION_LOST)
+
+
 def from_libvirt(e: libvirt.libvirtError, action: str) -> CRIError:
     """The CRI error for libvirt refusing `action` (e.g. "cannot define the VM"); one mapping for every RPC.
 
@@ -78,10 +89,10 @@ def from_libvirt(e: libvirt.libvirtError, action: str) -> CRIError:
     """
     code = e.get_error_code()
     detail = e.get_error_message() or str(e)
+    if libvirt_unreachable(e):
+        return unavailable(f"{action}: libvirtd is not reachable: {detail}")
     if code in _LIBVIRT_REQUEST_ERRORS:
         return invalid_argument(f"{action}: libvirt refused the requested settings: {detail}")
-    if code in _LIBVIRT_UNAVAILABLE:
-        return unavailable(f"{action}: libvirtd is not reachable: {detail}")
     return failed_precondition(f"{action}: {detail}")
 
 
@@ -100,6 +111,13 @@ def grpc_errors(method):
             message = status_message(e.message)
             log.info("%s: %s: %s", method.__name__, e.code.name, message)
             context.abort(e.code, message)
+        except libvirt.libvirtError as e:
+            # Not the request's fault (RPCs that pass settings to libvirt map its refusals themselves): libvirtd
+            # out of reach (UNAVAILABLE, the client retries) or the host unable to do it now.
+            log.warning("%s: libvirt: %s", method.__name__, e)
+            err = unavailable(f"{method.__name__}: libvirtd is not reachable: {e}") if libvirt_unreachable(e) \
+                else failed_precondition(f"{method.__name__}: libvirt: {e}")
+            context.abort(err.code, status_message(err.message))
         except Exception as e:  # noqa: BLE001 - the boundary: never let a bug kill the server
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, status_message(f"{method.__name__}: internal error: {e}"))
