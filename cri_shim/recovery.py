@@ -31,6 +31,7 @@ from .network import NetworkError, NetworkLost
 from . import pod_volumes
 from .pod_volumes import VolumeMountError
 from .runtime import Runtime, now_ns
+from .state import ContainerRecord
 from .volumes import VMFiles, remove_vm_files
 
 log = logging.getLogger("vmlet.recovery")
@@ -44,7 +45,11 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
     for name, md in rt.host.vmlet_domains(rt.instance_id).items():
         if md.get("container-id") not in containers:
             log.warning("removing orphan domain %s (container %s has no record)", name, md.get("container-id"))
-            rt.host.undefine(name)
+            try:
+                rt.host.undefine(name)
+            except Exception:  # noqa: BLE001 - one domain must never keep the daemon from starting
+                log.exception("cannot remove orphan domain %s; the next start tries again", name)
+                continue
             report["orphan_domains"].append(name)
 
     known_sandboxes = list(rt.store.sandboxes)
@@ -84,33 +89,10 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
                 report["orphan_dirs"].append(d.name)
 
     for c in containers.values():
-        if rt.images.get(c.image_ref) is not None:
-            rt.images.acquire(c.image_ref, c.id)  # idempotent; re-takes a reference lost in a crash
-        st = rt.host.state(c.domain_name)
-        if st is None and c.state in (api_pb2.CONTAINER_CREATED, api_pb2.CONTAINER_RUNNING):
-            with rt.store_lock():
-                rt.store.update_container(dataclasses.replace(
-                    c, state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(), exit_code=1,
-                    reason="DomainLost", message="the VM's libvirt domain disappeared while vmlet was not running"))
-            report["exited"].append(c.id)
-        elif c.state == api_pb2.CONTAINER_CREATED and rt.host.is_active(c.domain_name):
-            # StartContainer booted the VM but died before recording it: the VM runs, so say so.
-            c = dataclasses.replace(c, state=api_pb2.CONTAINER_RUNNING, started_at=now_ns())
-            with rt.store_lock():
-                rt.store.update_container(c)
-            rt.start_console(c)
-            report["running"].append(c.id)
-        elif c.state == api_pb2.CONTAINER_RUNNING:
-            if rt.host.is_active(c.domain_name):
-                rt.start_console(c)
-                report["running"].append(c.id)
-            else:
-                rt.record_exit(c.id)
-                report["exited"].append(c.id)
-        current = rt.store.containers.get(c.id)
-        if current is not None and current.state == api_pb2.CONTAINER_EXITED:
-            # The VM went down while vmlet was not running (or before its shares were detached).
-            pod_volumes.release(VMFiles(rt.config.vms_dir / c.id).dir)
+        try:
+            _recover_container(rt, c, report)
+        except Exception:  # noqa: BLE001 - one container must never keep the daemon from starting
+            log.exception("container %s: recovery failed; its record is kept as it was", c.id[:12])
 
     # Every holding, also of images already removed (their file waits for its last holder).
     for image_id, holder in rt.images.holdings():
@@ -118,3 +100,33 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
             rt.images.release(image_id, holder)
             report["released_holders"].append(holder)
     return report
+
+
+def _recover_container(rt: Runtime, c: ContainerRecord, report: dict[str, list[str]]) -> None:
+    if rt.images.get(c.image_ref) is not None:
+        rt.images.acquire(c.image_ref, c.id)  # idempotent; re-takes a reference lost in a crash
+    st = rt.host.state(c.domain_name)
+    if st is None and c.state in (api_pb2.CONTAINER_CREATED, api_pb2.CONTAINER_RUNNING):
+        with rt.store_lock():
+            rt.store.update_container(dataclasses.replace(
+                c, state=api_pb2.CONTAINER_EXITED, finished_at=now_ns(), exit_code=1,
+                reason="DomainLost", message="the VM's libvirt domain disappeared while vmlet was not running"))
+        report["exited"].append(c.id)
+    elif c.state == api_pb2.CONTAINER_CREATED and rt.host.is_active(c.domain_name):
+        # StartContainer booted the VM but died before recording it: the VM runs, so say so.
+        c = dataclasses.replace(c, state=api_pb2.CONTAINER_RUNNING, started_at=now_ns())
+        with rt.store_lock():
+            rt.store.update_container(c)
+        rt.start_console(c)
+        report["running"].append(c.id)
+    elif c.state == api_pb2.CONTAINER_RUNNING:
+        if rt.host.is_active(c.domain_name):
+            rt.start_console(c)
+            report["running"].append(c.id)
+        else:
+            rt.record_exit(c.id)
+            report["exited"].append(c.id)
+    current = rt.store.containers.get(c.id)
+    if current is not None and current.state == api_pb2.CONTAINER_EXITED:
+        # The VM went down while vmlet was not running (or before its shares were detached).
+        pod_volumes.release(VMFiles(rt.config.vms_dir / c.id).dir)

@@ -234,10 +234,13 @@ class Runtime:
         files = vm_files(self.config.vms_dir, c.id)
 
         def progress(offset: int, cid: str = c.id) -> None:
-            with self.store_lock():
-                current = self.store.containers.get(cid)
-                if current is not None and current.console_offset != offset:
-                    self.store.update_container(dataclasses.replace(current, console_offset=offset))
+            try:
+                with self.store_lock():
+                    current = self.store.containers.get(cid)
+                    if current is not None and current.console_offset != offset:
+                        self.store.update_container(dataclasses.replace(current, console_offset=offset))
+            except errors.CRIError as e:  # the state dir's file system full: keep copying, record it next time
+                log.warning("container %s: cannot record its console offset: %s", cid[:12], e.message)
 
         self.copiers[c.id] = ConsoleCopier(files.console_log, Path(c.log_path), c.console_offset, progress).start()
 
