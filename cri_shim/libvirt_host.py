@@ -54,6 +54,15 @@ def _start_event_loop() -> None:
 RECONNECT_INTERVAL = 1.0  # s between attempts while libvirtd is down
 
 
+def _close_quietly(conn: libvirt.virConnect) -> None:
+    """Drop a connection whose libvirtd went away: its callbacks and its handle (one leaked per restart else)."""
+    for release in (conn.unregisterCloseCallback, conn.close):
+        try:
+            release()
+        except libvirt.libvirtError:
+            pass
+
+
 def _is_missing(e: libvirt.libvirtError) -> bool:
     return e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,)
 
@@ -72,23 +81,37 @@ class LibvirtHost:
     # -------------------------------------------------------------- connection
 
     def conn(self) -> libvirt.virConnect:
-        """The connection, reopened if libvirtd restarted meanwhile."""
+        """The connection, reopened if libvirtd restarted meanwhile.
+
+        libvirt.open() runs without the lock: while libvirtd is down every caller fails fast on its own
+        instead of queueing behind one that waits on the socket."""
         with self._lock:
-            if self._conn is not None:
+            current = self._conn
+            if current is not None:
                 try:
-                    if self._conn.isAlive():
-                        return self._conn
+                    if current.isAlive():
+                        return current
                 except libvirt.libvirtError:
                     pass
                 log.warning("libvirt connection to %s lost; reconnecting", self.uri)
                 self._conn = None
-            conn = libvirt.open(self.uri)
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
-            conn.setKeepAlive(5, 3)
-            conn.registerCloseCallback(self._on_close, None)
-            self._conn = conn
-            replay = self._connected_before
-            self._connected_before = True
+        if current is not None:
+            _close_quietly(current)
+        conn = libvirt.open(self.uri)
+        with self._lock:
+            if self._conn is not None:  # another thread reconnected first
+                winner = self._conn
+            else:
+                winner = None
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+                conn.setKeepAlive(5, 3)
+                conn.registerCloseCallback(self._on_close, None)
+                self._conn = conn
+                replay = self._connected_before
+                self._connected_before = True
+        if winner is not None:
+            _close_quietly(conn)
+            return winner
         if replay:
             log.info("reconnected to libvirtd at %s", self.uri)
             self._replay_stopped(conn)

@@ -182,7 +182,7 @@ class Runtime:
     # -------------------------------------------------------------- VM exits
 
     def _on_lifecycle(self, domain: str, event: int, _detail: int) -> None:
-        # Runs on libvirt's event loop thread: hand over, never call libvirt from here.
+        # Runs on libvirt's event loop thread (or one replaying stops after a reconnect): hand over, never block.
         if domain.startswith(self.config.domain_prefix) and event in (
                 libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
             self._exits.put(domain)
