@@ -9,7 +9,6 @@ of the VM's files could not be written (not always "the root disk").
 
 from __future__ import annotations
 
-import os
 
 import grpc
 import pytest
@@ -98,25 +97,3 @@ def test_full_metadata_file_system_is_resource_exhausted_rolled_back_and_recover
                                                         timeout=RPC_SLACK).containers] == [cid]
     assert {sb.id for sb in client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(),
                                                           timeout=RPC_SLACK).items} == {sid, sid2}
-
-
-@pytest.mark.parametrize("leave, what, not_what", [
-    (16 * 1024, "cannot create the VM's root disk", "cloud-init"),
-    (228 * 1024, "cannot write the VM's cloud-init disk", "root disk"),
-], ids=["overlay", "cloud-init-iso"])
-def test_full_vms_file_system_says_which_file_failed(tmpfs, vmlet_factory, vmlet_dir, libvirt_conn,
-                                                     leave, what, not_what):
-    proc = vmlet_factory()
-    fs = tmpfs(proc.state_dir / "vms", 4 * MIB)
-    client = proc.start()
-    client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)), timeout=120)
-    pod = cri.pod_config(name="vms-full", log_directory=str(vmlet_dir / "pods" / "vms-full"))
-    sid = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=RPC_SLACK).pod_sandbox_id
-    fs.fill(leave=leave)
-    err = rpc_error(client.runtime.CreateContainer, api_pb2.CreateContainerRequest(
-        pod_sandbox_id=sid, config=cri.container_config(TESTVM), sandbox_config=pod))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, (err.code(), err.details())
-    assert err.details().startswith(what) and not_what not in err.details(), err.details()
-    assert str(fs.target) in err.details() and os.strerror(28) in err.details(), err.details()
-    assert [p.name for p in fs.target.iterdir()] == [fs.filler.name]
-    assert our_domains(libvirt_conn) == []

@@ -17,9 +17,12 @@ pytestmark = pytest.mark.libvirt
 MIB = 1 << 20
 
 
-@pytest.mark.parametrize("leave", [16 * 1024, 228 * 1024], ids=["no-room-for-the-overlay", "no-room-for-the-iso"])
+@pytest.mark.parametrize("leave, what, not_what", [
+    (16 * 1024, "cannot create the VM's root disk", "cloud-init"),
+    (228 * 1024, "cannot write the VM's cloud-init disk", "root disk"),
+], ids=["no-room-for-the-overlay", "no-room-for-the-iso"])
 def test_full_vms_file_system_fails_create_container_cleanly_and_recovers(
-        tmpfs, vmlet_factory, vmlet_dir, libvirt_conn, leave):
+        tmpfs, vmlet_factory, vmlet_dir, libvirt_conn, leave, what, not_what):
     proc = vmlet_factory()
     fs = tmpfs(proc.state_dir / "vms", 4 * MIB)
     client = proc.start()
@@ -32,12 +35,15 @@ def test_full_vms_file_system_fails_create_container_cleanly_and_recovers(
     with pytest.raises(grpc.RpcError) as exc:
         client.runtime.CreateContainer(request, timeout=RPC_SLACK)
     err = exc.value
-    assert err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED), err
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
     assert str(fs.target) in err.details() and "No space left on device" in err.details(), err.details()
+    # The message says which of the VM's files did not fit.
+    assert err.details().startswith(what) and not_what not in err.details(), err.details()
 
+    assert proc.alive()
     assert [p.name for p in fs.target.iterdir()] == [fs.filler.name], "a half-built VM directory was left"
     assert [d.name() for d in libvirt_env.test_domains(libvirt_conn)
-            if d.name().startswith(libvirt_env.RUN_PREFIX) and proc.alive()] == []
+            if d.name().startswith(libvirt_env.RUN_PREFIX)] == []
     assert list(client.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=RPC_SLACK).containers) == []
     image = client.images.ImageStatus(api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=TESTVM), verbose=True),
                                       timeout=RPC_SLACK)
