@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 
 from image_service import translation
+from image_service.decode import DecodeErrors
 from image_service.service import ImageService
 from image_service.urlpolicy import DEFAULT_DENY, AddressPolicy
 from image_service.validate import Validator
@@ -28,7 +29,8 @@ log = logging.getLogger("vmlet.image")
 
 def serve(socket_path: str | Path, service: ImageService, max_workers: int = 16) -> grpc.Server:
     """Start a gRPC server for `service` on unix://socket_path (mode 0660); stop it with server.stop()."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image-rpc"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image-rpc"),
+                         interceptors=[DecodeErrors()])  # undecodable requests: INVALID_ARGUMENT, not INTERNAL
     api_pb2_grpc.add_ImageServiceServicer_to_server(service, server)
     start_on_unix_socket(server, socket_path)
     return server

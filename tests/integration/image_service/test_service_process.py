@@ -112,3 +112,25 @@ def test_http_rule_without_allow_http_is_refused_at_start(tmp_path, service_proc
     result = subprocess.run(proc.command(), cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "plain http is not allowed" in result.stderr and "srv/(.+)" in result.stderr
+
+
+def test_a_request_that_is_not_valid_protobuf_is_invalid_argument(service_process):
+    """The standalone service refuses undecodable bytes the way the shim's socket does, never with INTERNAL."""
+    proc = service_process()
+    client = proc.start()
+    channel = grpc.insecure_channel(f"unix://{proc.socket}")
+    try:
+        # ImageStatusRequest{image: ImageSpec{image: <an encoded lone surrogate: not UTF-8>}}
+        inner = b"\x0a\x03\xed\xa0\x80"
+        payload = b"\x0a" + bytes([len(inner)]) + inner
+        call = channel.unary_unary("/runtime.v1.ImageService/ImageStatus")
+        try:
+            call(payload, timeout=10)
+            raise AssertionError("an undecodable request was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            assert "image.image" in e.details() and "UTF-8" in e.details(), e.details()
+    finally:
+        channel.close()
+        client.close()
+        proc.stop()
