@@ -41,7 +41,7 @@ def test_pod_identity_xml_cannot_carry_is_refused_by_run_pod_sandbox(client, vml
     code, message = code_of(client.runtime.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=pod))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, message
     assert f"config.metadata.{field}" in message and f"U+{ord(char):04X}" in message
-    assert not client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
+    assert not client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
     assert_nothing_built(vmlet, libvirt_conn)
 
 
@@ -53,7 +53,7 @@ def test_other_pod_strings_are_checked_too(client, vmlet, libvirt_conn):
     pod.dns_config.searches.append("example.org\nnameserver 10.0.0.1")
     code, message = code_of(client.runtime.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=pod))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "config.dns_config.searches[0]" in message
-    assert not client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
+    assert not client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
     assert_nothing_built(vmlet, libvirt_conn)
 
 
@@ -62,10 +62,10 @@ def test_labels_and_unread_annotations_are_opaque_and_echoed_as_given(client, vm
     labels = {"odd": "a\ufffeb\x01c", "k\uffff": "v"}
     pod = cri.pod_config(labels=labels, annotations={"example.com/note": "x\x02y\ufffe"})
     sid = run(client, pod)
-    status = client.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+    status = client.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30).status
     assert dict(status.labels) == dict(pod.labels)
     assert status.annotations["example.com/note"] == "x\x02y\ufffe"
-    (listed,) = client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
+    (listed,) = client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
     assert dict(listed.labels) == dict(pod.labels)
     # An annotation vmlet reads is checked like every value it uses.
     code, message = code_of(client.runtime.RunPodSandbox, api_pb2.RunPodSandboxRequest(
@@ -119,7 +119,9 @@ def test_cpu_limit_outside_libvirts_ranges(client, pulled, vmlet, libvirt_conn, 
     code, message = code_of(client.runtime.CreateContainer, api_pb2.CreateContainerRequest(
         pod_sandbox_id=sid, config=cfg, sandbox_config=pod))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, message
-    assert f"config.linux.resources.{named}" in message and "1000" in message
+    assert f"config.linux.resources.{named} is {period if named == 'cpu_period' else quota};" in message, message
+    wanted = "from 1000 to 1000000 µs" if named == "cpu_period" else f"from 1000 to {2**44 - 1} µs"
+    assert wanted in message, message
     assert_nothing_built(vmlet, libvirt_conn)
 
 
@@ -163,7 +165,7 @@ def test_update_resources_follows_the_same_rules(client, pulled, vmlet_dir):
         code, message = update(cpu_period=period, cpu_quota=quota)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (period, quota, message)
         assert "linux.cpu_" in message
-    st = client.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid)).status
+    st = client.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid), timeout=30).status
     assert st.resources.linux.memory_limit_in_bytes == 256 * MIB  # nothing refused was recorded
 
 
@@ -240,6 +242,7 @@ def test_huge_values_are_echoed_shortened(client):
         code, message = code_of(call, req, timeout=30)
         assert code == want, (call, code, message[:200])
         assert len(message.encode()) <= MAX_MESSAGE, (call, len(message))
+        assert "message truncated" not in message, (call, "the echo was not shortened: the cap cut it")
     # Still names the value (its start) and says it was cut.
     code, message = code_of(client.runtime.ContainerStatus, api_pb2.ContainerStatusRequest(container_id=HUGE))
     assert "container 'ffffffff" in message and "…(" in message
