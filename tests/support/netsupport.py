@@ -29,7 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from pyroute2 import IPRoute
 
@@ -316,6 +316,32 @@ def sweep_owned_by(pid: int) -> list[str]:
     removed = owned_by(pid)
     _remove(lambda name: _owner(name) == pid)
     return removed
+
+
+def state_dirs_of(pid: int, roots: Iterable[Path]) -> list[Path]:
+    """The work dirs under `roots` that the process `pid` (a demo or bench run as a subprocess) marked as its
+    own: their name carries its STATE_MARK (`bench-vmlet-nettest-<pid6>-…`, `run-vmlet-nettest-<pid6>-…`)."""
+    mark = f"vmlet-nettest-{pid:06x}-"
+    return sorted(d for root in roots if root.is_dir() for d in root.glob(f"*{mark}*") if d.is_dir())
+
+
+def sweep_state_dirs_of(pid: int, roots: Iterable[Path]) -> list[str]:
+    """Remove the pod networks that vmlet daemons of the process `pid` left in its work dirs under `roots`
+    (see state_dirs_of); list them.
+
+    vmlet names a pod's netns and host links after its sandbox ID, which is random, not after the process:
+    owned_by(pid) cannot see them. Only the daemon's state dir (`<work>/state` or `<work>`: network records,
+    CNI cache, the owner tag of its host links) tells them from another run's, so sweep it as a restarted
+    vmlet would, with the work dir's CNI config (net.d, as private_network writes it) for DEL."""
+    from cri_shim.network import NetworkManager  # the shim's own sweep: what its recovery would remove
+
+    found = []
+    for work in state_dirs_of(pid, roots):
+        for state in (work, *sorted(p for p in work.iterdir() if p.is_dir())):
+            if (state / "network").is_dir() or (state / "cni" / "results").is_dir():
+                nm = NetworkManager(state, work / "net.d", [CNI_BIN_DIR], plugin_timeout=30)
+                found += [f"{x} (state dir {state})" for x in nm.sweep([])]
+    return found
 
 
 def _remove(owned) -> None:
