@@ -13,7 +13,6 @@ import grpc
 import pytest
 
 from proto.runtime.v1 import api_pb2
-from tests.integration.cri.conftest import cni_conf_dir, vmlet, vmlet_dir, vmlet_factory  # noqa: F401 - fixtures
 from tests.support import cri
 
 pytestmark = pytest.mark.libvirt
