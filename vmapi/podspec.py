@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Mapping
 
 from cri_shim import annotations as va
@@ -37,6 +38,51 @@ class SpecError(ValueError):
     """The spec passed the schema but cannot become a valid VM pod."""
 
 
+# What kube-apiserver checks on a pod's metadata (apimachinery validation): a VM that cannot make a
+# pod the server accepts is reported as an invalid spec, not retried as a failing create forever.
+_DNS_SUBDOMAIN = re.compile(types.DNS_SUBDOMAIN_PATTERN)
+_NAME_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_key(where: str, key: Any) -> None:
+    prefix, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", "")
+    if not (0 < len(name) <= 63 and _NAME_PART.match(name)) or (
+            prefix and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix))):
+        raise SpecError(f"{where}: {_shown(key)} is not a valid key ([prefix/]name, name of at most 63 "
+                        "alphanumerics, '-', '_' or '.')")
+
+
+def check_labels(where: str, labels: Mapping[str, Any]) -> None:
+    for k, v in labels.items():
+        _check_key(where, k)
+        if not isinstance(v, str) or len(v) > 63 or not _LABEL_VALUE.match(v):
+            raise SpecError(f"{where}[{k}]: {_shown(v)} is not a valid label value (at most 63 "
+                            "alphanumerics, '-', '_' or '.')")
+
+
+def check_annotations(where: str, annotations: Mapping[str, Any]) -> None:
+    size = 0
+    for k, v in annotations.items():
+        _check_key(where, k)
+        size += len(k.encode("utf-8", "surrogatepass")) + len(str(v).encode("utf-8", "surrogatepass"))
+    if size > MAX_ANNOTATIONS_BYTES:
+        raise SpecError(f"{where}: {size} bytes in all, over the API server's {MAX_ANNOTATIONS_BYTES} "
+                        "(user data, SSH keys and template annotations together)")
+
+
+def check_vm_name(name: Any) -> None:
+    if not (isinstance(name, str) and 0 < len(name) <= types.MAX_VM_NAME and _DNS_SUBDOMAIN.match(name)):
+        raise SpecError(f"metadata.name: {_shown(name)} cannot name a VM pod (a DNS subdomain of at most "
+                        f"{types.MAX_VM_NAME} characters: the pod is <name>{POD_SUFFIX} and the name a label value)")
+
+
 def pod_name(vm_name: str) -> str:
     return vm_name + POD_SUFFIX
 
@@ -52,13 +98,18 @@ def template_hash(spec: Mapping[str, Any]) -> str:
         template: Any = parse_spec(spec).template.model_dump(mode="json", exclude_none=True)
     except SpecError:
         template = spec.get("template") or {}
-    blob = json.dumps(template, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    try:
+        blob = json.dumps(template, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON-shaped (keys of mixed types): hash its repr
+        blob = repr(template)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def parse_spec(spec: Mapping[str, Any]) -> types.VirtualMachineSpec:
     """The spec as the model; SpecError names the field when the API server let something through."""
     from pydantic import ValidationError
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"spec: {_shown(spec)} is not an object")
     try:
         return types.VirtualMachineSpec.model_validate(dict(spec))
     except ValidationError as e:
@@ -100,11 +151,15 @@ def vm_annotations(spec: types.VirtualMachineSpec) -> dict[str, str]:
 def render(vm: Mapping[str, Any]) -> dict[str, Any]:
     """The VM pod for a VirtualMachine body; SpecError when the spec cannot make a valid one."""
     meta = vm["metadata"]
-    spec = parse_spec(vm["spec"])
+    check_vm_name(meta.get("name"))
+    spec = parse_spec(vm.get("spec"))
     vmi = spec.template.spec
     tmeta = spec.template.metadata or types.TemplateMeta()
     annotations = {**(tmeta.annotations or {}), **vm_annotations(spec),
                    ANN_TEMPLATE_HASH: template_hash(vm["spec"])}
+    check_labels("spec.template.metadata.labels", tmeta.labels or {})
+    check_labels("spec.template.spec.nodeSelector", vmi.nodeSelector or {})
+    check_annotations("spec.template.metadata.annotations", annotations)
     try:  # the node runtime's own parser: refuse here what the node would refuse later
         va.VMAnnotations.from_pod_annotations(annotations)
     except va.AnnotationError as e:

@@ -60,15 +60,19 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
     meta = vm.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Result(vm=vm)  # the deletion handler owns this VM now
-    spec = vm.get("spec") or {}
-    prev = vm.get("status") or {}
+    # Nothing below trusts the body's shape: what the schema would refuse may be stored anyway
+    # (an emulator, a CRD installed without its schema); render() reports it as an invalid spec.
+    spec = vm.get("spec") if isinstance(vm.get("spec"), dict) else {}
+    raw_status = vm.get("status") if isinstance(vm.get("status"), dict) else {}
+    prev = vmstatus.sanitize(raw_status)
 
     manifest, spec_error = None, None
     try:
         manifest = podspec.render(vm)
     except podspec.SpecError as e:
         spec_error = str(e)
-    rs = spec.get("runStrategy") if spec.get("runStrategy") in types.RUN_STRATEGIES else None
+    # Missing: the CRD's default (an API server fills it in). Invalid: no pod, and render() said why.
+    rs = spec.get("runStrategy", "Always") if spec.get("runStrategy", "Always") in types.RUN_STRATEGIES else None
     reqs, requests_error = requests.parse(meta.get("annotations"))
     pod = kube.get_pod(namespace, podspec.pod_name(name))
 
@@ -109,7 +113,7 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
     current_hash = podspec.template_hash(spec)
     new = vmstatus.derive(vm, pod, decision, now=now, current_hash=current_hash, spec_error=spec_error,
                           action_error=action_error, requests_error=requests_error, acted=acted, created=created)
-    patch = vmstatus.changed(prev, new)
+    patch = vmstatus.changed(raw_status, new)
     latest = vm
     if patch:
         latest = kube.patch_vm_status(namespace, name, patch) or vm
@@ -118,8 +122,7 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
 
     if acted and (decision.requests != reqs or requests_error):
         lmeta = latest.get("metadata") or {}
-        if (lmeta.get("annotations") or {}).get(requests.ANNOTATION) != (meta.get("annotations") or {}).get(
-                requests.ANNOTATION):
+        if _annotation(lmeta) != _annotation(meta):
             result.requeue_after = 0.0  # vmctl queued something meanwhile: decide again
             return result
         meta_patch: dict[str, Any] = {"annotations": {requests.ANNOTATION: requests.dump(decision.requests)}}
@@ -133,6 +136,11 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
     if decision.wait_until is not None:
         result.requeue_after = max(0.05, decision.wait_until - now)
     return result
+
+
+def _annotation(meta: dict[str, Any]) -> Any:
+    ann = meta.get("annotations")
+    return ann.get(requests.ANNOTATION) if isinstance(ann, dict) else None
 
 
 def _transition_events(prev: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:

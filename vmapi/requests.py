@@ -35,10 +35,12 @@ class Request:
 
 def parse(annotations: Mapping[str, str] | None) -> tuple[tuple[Request, ...], str | None]:
     """(requests, error); a bad annotation yields () and a message, never an exception."""
-    raw = (annotations or {}).get(ANNOTATION)
-    if raw is None or not raw.strip():
+    raw = annotations.get(ANNOTATION) if isinstance(annotations, Mapping) else None
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
         return (), None
     try:
+        if not isinstance(raw, str):
+            raise ValueError(f"must be a string, not {type(raw).__name__}")
         items = json.loads(raw)
         if not isinstance(items, list) or len(items) > MAX_REQUESTS:
             raise ValueError(f"must be a JSON list of at most {MAX_REQUESTS} requests")

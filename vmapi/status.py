@@ -77,6 +77,32 @@ def printable(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: De
     return "Unknown"
 
 
+_STR_FIELDS = ("printableStatus", "runStrategy", "podName", "podUID", "podPhase", "podIP", "nodeName", "templateHash")
+
+
+def sanitize(status: Any) -> dict[str, Any]:
+    """The previous status with every field of the wrong type dropped: the status subresource is
+    writable by anyone allowed to, and an emulator (or an older schema) does not type-check it."""
+    if not isinstance(status, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in status.items():
+        if k in _STR_FIELDS and not isinstance(v, str):
+            continue
+        if k in ("restartCount", "observedGeneration") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            continue
+        if k in ("ready", "created") and not isinstance(v, bool):
+            continue
+        if k == "conditions":
+            if not isinstance(v, list):
+                continue
+            v = [c for c in v if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
+        if k == "startFailure" and not isinstance(v, Mapping):
+            continue
+        out[k] = v
+    return out
+
+
 def _condition(prev: Mapping[str, Mapping[str, Any]], now: str, type_: str, status: str,
                reason: str, message: str = "") -> dict[str, Any]:
     old = prev.get(type_) or {}
@@ -90,14 +116,15 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
            action_error: str | None = None, requests_error: str | None = None,
            acted: bool = True, created: bool = False) -> dict[str, Any]:
     """The complete status to write. `acted`: the decision's action succeeded (or was none)."""
-    prev = dict(vm.get("status") or {})
+    prev = sanitize(vm.get("status"))
     meta = vm.get("metadata") or {}
     nows = iso(now)
     create_blocked = decision.action == "create" and spec_error is not None
     out: dict[str, Any] = {
         "printableStatus": printable(vm, pod, decision, create_blocked),
         "created": pod is not None,
-        "runStrategy": (vm.get("spec") or {}).get("runStrategy") if acted and not create_blocked
+        "runStrategy": (spec.get("runStrategy", "Always") if isinstance(spec := vm.get("spec"), dict) else None)
+        if acted and not create_blocked
         else prev.get("runStrategy"),
         "observedGeneration": meta.get("generation", prev.get("observedGeneration")),
         "restartCount": prev.get("restartCount"),
@@ -155,9 +182,10 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
 
 
 def _start_failure(prev: Mapping[str, Any]) -> StartFailure:
-    sf = prev.get("startFailure") or {}
-    return StartFailure(int(sf.get("consecutiveFailCount") or 0), parse_iso(sf.get("retryAfterTimestamp")),
-                        sf.get("lastFailedPodUID"))
+    sf = sanitize(prev).get("startFailure") or {}
+    count, uid, when = sf.get("consecutiveFailCount"), sf.get("lastFailedPodUID"), sf.get("retryAfterTimestamp")
+    return StartFailure(count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0,
+                        parse_iso(when) if isinstance(when, str) else None, uid if isinstance(uid, str) else None)
 
 
 def start_failure_of(status: Mapping[str, Any] | None) -> StartFailure:
