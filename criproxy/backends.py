@@ -18,16 +18,14 @@ from typing import Callable, Iterator
 
 import grpc
 
+from criproxy.messages import cap_message
+
 log = logging.getLogger("criproxy.backends")
 
 MAX_MESSAGE = 16 * 1024 * 1024  # the kubelet's own CRI limit
 # A backend's error may echo a whole request value (a 64 KiB ID): received in full, so the proxy sees the
-# backend's real code (gRPC's default 16 KiB limit turns it into RESOURCE_EXHAUSTED), then shortened.
+# backend's real code (gRPC's default 16 KiB limit turns it into RESOURCE_EXHAUSTED), then cut (messages.py).
 MAX_BACKEND_METADATA = 1024 * 1024
-# grpc-message is percent-encoded UTF-8 (a non-ASCII character costs up to 12 bytes) and gRPC clients
-# refuse metadata past 8 KiB (soft) / 16 KiB (hard): details the proxy sends stay under this many bytes.
-MAX_DETAILS = 2048
-
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -40,28 +38,11 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _encoded_len(ch: str) -> int:
-    """Bytes of one character in a percent-encoded grpc-message."""
-    return 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "surrogatepass"))
-
-
-def shorten(text: str, limit: int = MAX_DETAILS) -> str:
-    """`text` cut so that its encoded grpc-message stays within `limit` bytes, marked with an ellipsis."""
-    if len(text) * 12 <= limit:
-        return text
-    total = 0
-    for i, ch in enumerate(text):
-        total += _encoded_len(ch)
-        if total > limit - 40:  # room for the marker
-            return f"{text[:i]}… ({len(text)} characters)"
-    return text
-
-
 class BackendError(Exception):
     """A call failed; code and details are what the kubelet gets."""
 
     def __init__(self, backend: str, code: grpc.StatusCode, details: str):
-        details = shorten(details)
+        details = cap_message(details)
         super().__init__(details)
         self.backend = backend
         self.code = code

@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from criproxy.messages import cap_message
+
 TARGET_RUNTIME_ANNOTATION = "kubernetes.io/target-runtime"
 SEP = "__"
 
@@ -90,7 +92,7 @@ class Routes:
             return self.default
         if target in self.others:
             return target
-        shown = repr(target) if len(target) <= 100 else f"{target[:100]!r}… ({len(target)} characters)"
+        shown = cap_message(repr(target), 300)  # the annotation may be 64 KiB: the message stays readable
         raise UnknownRuntime(f"pod annotation {TARGET_RUNTIME_ANNOTATION}={shown} names no configured runtime "
                              f"(configured: {', '.join(self.all)})")
 

@@ -38,7 +38,8 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from criproxy import merge, routing
-from criproxy.backends import MAX_MESSAGE, BackendError, Backends, shorten
+from criproxy.backends import MAX_MESSAGE, BackendError, Backends
+from criproxy.messages import cap_message
 from proto.runtime.v1 import api_pb2
 
 log = logging.getLogger("criproxy.server")
@@ -144,13 +145,14 @@ class Proxy:
         dropped = routing.drop_foreign_items(self.routes, msg) if listing else []
         bad = routing.foreign_ids(self.routes, msg)
         if bad:
-            raise BackendError(backend, grpc.StatusCode.INTERNAL, shorten(
-                f"backend {backend} answered {resp_cls.DESCRIPTOR.name} with the ID {bad[0]!r}, which would "
-                f"route to backend {self._owner(bad[0])}: the proxy cannot hand it out"))
+            raise BackendError(backend, grpc.StatusCode.INTERNAL,
+                               f"backend {backend} answered {resp_cls.DESCRIPTOR.name} with the ID "
+                               f"{cap_message(repr(bad[0]), 300)}, which would route to backend "
+                               f"{self._owner(bad[0])}: the proxy cannot hand it out")
         if not dropped:
             return raw
         log.warning("%s of backend %s: %d item(s) left out, their IDs would route to another backend: %s",
-                    resp_cls.DESCRIPTOR.name, backend, len(dropped), shorten(", ".join(map(repr, dropped[:5])), 300))
+                    resp_cls.DESCRIPTOR.name, backend, len(dropped), cap_message(", ".join(map(repr, dropped[:5])), 300))
         return msg.SerializeToString()
 
     def _owner(self, value: str) -> str:
