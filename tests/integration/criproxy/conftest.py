@@ -156,6 +156,8 @@ class ProxyProcess:
                 return client
             except grpc.RpcError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    client.close()
+                    self.kill()  # one that hangs at start-up is not left running
                     raise RuntimeError(f"criproxy did not start: {self.log_file.read_text()[-3000:]}")
                 time.sleep(0.1)
 

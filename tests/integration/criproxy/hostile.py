@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +21,12 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from proto.runtime.v1 import api_pb2
+from tests.integration.criproxy import raw_server
+from tests.integration.criproxy.raw_server import SERVICES
 
 PROFILE = os.environ.get("VMLET_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise RuntimeError(f"VMLET_FUZZ={PROFILE!r}: expected ci or long")
-SERVICES = [api_pb2.DESCRIPTOR.services_by_name[n] for n in ("RuntimeService", "ImageService")]
 METHODS = {m.name: (svc, m) for svc in SERVICES for m in svc.methods}
 
 
@@ -226,20 +225,8 @@ class ScriptedRuntime:
         return unary, stream
 
     def start(self) -> "ScriptedRuntime":
-        server = grpc.server(futures.ThreadPoolExecutor(16), options=[
+        self.server = raw_server.serve(self.socket, lambda m: self._handlers(m.name), workers=16, options=[
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
-        handlers = []
-        for svc in SERVICES:
-            methods = {}
-            for m in svc.methods:
-                unary, stream = self._handlers(m.name)
-                methods[m.name] = (grpc.unary_stream_rpc_method_handler(stream) if m.server_streaming
-                                   else grpc.unary_unary_rpc_method_handler(unary))
-            handlers.append(grpc.method_handlers_generic_handler(svc.full_name, methods))
-        server.add_generic_rpc_handlers(handlers)
-        server.add_insecure_port(f"unix:{self.socket}")
-        server.start()
-        self.server = server
         return self
 
     def stop(self, grace: float | None = 0) -> None:

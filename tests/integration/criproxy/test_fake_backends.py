@@ -16,7 +16,9 @@ import pytest
 from criproxy.backends import Backend, BackendError, Backends
 from criproxy.server import Proxy, ProxyThread
 from proto.runtime.v1 import api_pb2
+from tests.integration.criproxy import raw_server
 from tests.integration.criproxy.conftest import ProxyProcess
+from tests.integration.criproxy.raw_server import until
 from tests.support import cri
 
 UNKNOWN = b"\xb8\x3e\x2a"  # field 999 = 42: a field from a newer CRI the proxy does not know
@@ -38,7 +40,7 @@ class FakeRuntime:
         self.deadlines: dict[str, float | None] = {}  # method -> the time_remaining() its last call had
         self.server = None
 
-    def _handler(self, service, method):
+    def _handler(self, method):
         def unary(req: bytes, ctx):
             self.requests.append((method, req))
             self.deadlines[method] = ctx.time_remaining()
@@ -62,19 +64,7 @@ class FakeRuntime:
         return unary, stream
 
     def start(self) -> "FakeRuntime":
-        server = grpc.server(futures.ThreadPoolExecutor(8))
-        handlers = []
-        for svc in api_pb2.DESCRIPTOR.services_by_name.values():
-            methods = {}
-            for m in svc.methods:
-                unary, stream = self._handler(svc.full_name, m.name)
-                methods[m.name] = (grpc.unary_stream_rpc_method_handler(stream) if m.server_streaming
-                                   else grpc.unary_unary_rpc_method_handler(unary))
-            handlers.append(grpc.method_handlers_generic_handler(svc.full_name, methods))
-        server.add_generic_rpc_handlers(handlers)
-        server.add_insecure_port(f"unix:{self.socket}")
-        server.start()
-        self.server = server
+        self.server = raw_server.serve(self.socket, lambda m: self._handler(m.name))
         return self
 
     def stop(self) -> None:
@@ -209,13 +199,6 @@ def test_container_events_merged_and_prefixed(fakes):
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "backend kata" in e.value.details()
 
 
-def _until(cond, timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.02)
-
-
 NO_DEADLINE = 1e9  # grpcio's sync server reports "no deadline" as time_remaining() ~9.2e18 s
 
 
@@ -260,10 +243,10 @@ def test_client_cancel_reaches_the_backend(fakes, method):
     }[method]
     backend.hang.add(method)
     fut = call.future(req)
-    _until(lambda: any(m == method for m, _ in backend.requests), what=f"{method} reached {backend.name}")
+    until(lambda: any(m == method for m, _ in backend.requests), what=f"{method} reached {backend.name}")
     assert backend.gone == []
     fut.cancel()
-    _until(lambda: backend.gone == [method], what=f"{backend.name} saw {method} cancelled")
+    until(lambda: backend.gone == [method], what=f"{backend.name} saw {method} cancelled")
 
 
 def test_deadline_reaches_the_backend(fakes):
@@ -272,7 +255,7 @@ def test_deadline_reaches_the_backend(fakes):
     with pytest.raises(grpc.RpcError) as e:
         client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image="busybox")), timeout=0.5)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _until(lambda: ctr.gone == ["PullImage"], what="containerd saw PullImage end")
+    until(lambda: ctr.gone == ["PullImage"], what="containerd saw PullImage end")
 
 
 def test_events_failing_to_open_one_stream_cancels_the_others(fakes, monkeypatch):
@@ -281,7 +264,7 @@ def test_events_failing_to_open_one_stream_cancels_the_others(fakes, monkeypatch
 
     def stream(self, path, request, timeout):
         if self.name == "kata":  # the last: containerd's and vmlet's streams are open by now
-            _until(lambda: all(any(m == "GetContainerEvents" for m, _ in f.requests) for f in (ctr, vm)),
+            until(lambda: all(any(m == "GetContainerEvents" for m, _ in f.requests) for f in (ctr, vm)),
                    what="the other streams opened")
             raise RuntimeError("cannot open kata's stream")
         return real(self, path, request, timeout)
@@ -289,7 +272,7 @@ def test_events_failing_to_open_one_stream_cancels_the_others(fakes, monkeypatch
     with pytest.raises(grpc.RpcError) as e:
         next(client.runtime.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=30))
     assert e.value.code() == grpc.StatusCode.UNKNOWN
-    _until(lambda: ctr.gone == vm.gone == ["GetContainerEvents"], what="the opened streams cancelled")
+    until(lambda: ctr.gone == vm.gone == ["GetContainerEvents"], what="the opened streams cancelled")
 
 
 class _EndedContext:
@@ -386,7 +369,7 @@ def test_process_graceful_stop_then_forced(proxy_proc):
     p, client, ctr, _ = proxy_proc
     ctr.hang.add("PullImage")
     pull = client.images.PullImage.future(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image="busybox")))
-    _until(lambda: any(m == "PullImage" for m, _ in ctr.requests), what="PullImage reached containerd")
+    until(lambda: any(m == "PullImage" for m, _ in ctr.requests), what="PullImage reached containerd")
     p.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert p.proc.poll() is None, "the call in progress gets a grace period"
@@ -402,11 +385,11 @@ def test_process_grace_period_ends_calls_in_progress(proxy_proc):
     p, client, ctr, _ = proxy_proc
     ctr.hang.add("PullImage")
     pull = client.images.PullImage.future(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image="busybox")))
-    _until(lambda: any(m == "PullImage" for m, _ in ctr.requests), what="PullImage reached containerd")
+    until(lambda: any(m == "PullImage" for m, _ in ctr.requests), what="PullImage reached containerd")
     t0 = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)
     assert p.proc.wait(15) == 0
     assert 4 < time.monotonic() - t0 < 10  # GRACE (5 s) for the pull, then it is cancelled
-    _until(lambda: ctr.gone == ["PullImage"], what="containerd saw the pull cancelled")
+    until(lambda: ctr.gone == ["PullImage"], what="containerd saw the pull cancelled")
     with pytest.raises(grpc.RpcError):
         pull.result(5)
