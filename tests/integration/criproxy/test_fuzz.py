@@ -15,6 +15,7 @@ VMLET_FUZZ=long runs many more examples with random seeds (hostile.py).
 
 from __future__ import annotations
 
+import re
 import time
 
 import grpc
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from criproxy import routing
 from criproxy.backends import MAX_MESSAGE
+from criproxy.messages import cap_message
 from criproxy.server import ProxyThread
 from proto.runtime.v1 import api_pb2
 from tests.integration.criproxy import hostile
@@ -203,6 +205,47 @@ def check_request_routing(method, raw, fakes):
             assert fakes[name].calls[0][1] == raw
 
 
+CUT = re.compile(r"(?s)(?P<head>.*)… \((?P<length>\d+) characters\)")  # criproxy.backends.cap_message
+KEPT = 100  # characters of a backend's message that a cut one keeps at least
+
+
+def passes_on(details: str, backend_details: str, code: grpc.StatusCode) -> bool:
+    """The proxy's `details` carry the backend's message: whole, or cut to fit the metadata budget, its start
+    kept (KEPT characters at least) and its full length said; for UNAVAILABLE after the proxy's own
+    `backend <name> (<socket>) is unavailable: `. A backend's empty message leaves nothing to carry, but a
+    non-empty one must not come back empty."""
+    if not backend_details:
+        return True
+    prefix = ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        m = re.match(r"backend \S+ \([^)]*\) is unavailable: ", details)
+        if m is None:
+            return False
+        prefix = m.group(0)
+    whole = prefix + backend_details
+    if details == whole:
+        return True
+    cut = CUT.fullmatch(details)
+    return (cut is not None and whole.startswith(cut["head"]) and int(cut["length"]) == len(whole)
+            and len(cut["head"]) - len(prefix) >= KEPT)
+
+
+def test_passes_on_refuses_a_dropped_or_mangled_message():
+    """The check itself: it must catch a proxy that drops, replaces or over-cuts a backend's message."""
+    long = "\uffff" * 21845
+    NF, UNAV = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE
+    assert passes_on("no such pod", "no such pod", NF) and passes_on(cap_message(long), long, NF)
+    assert passes_on("", "", NF) and passes_on("anything", "", NF)
+    sock_msg = f"backend {VM} (/run/vmlet/vmlet.sock) is unavailable: "
+    assert passes_on(sock_msg + "restarting", "restarting", UNAV)
+    assert passes_on(cap_message(sock_msg + long), long, UNAV)
+    for wrong in ("", "no such", "no such pod!", "x… (11 characters)", "no such pod… (11 characters)"):
+        assert not passes_on(wrong, "no such pod", NF), wrong
+    assert not passes_on(long[:20] + f"… ({len(long)} characters)", long, NF)  # cut to almost nothing
+    assert not passes_on(long[:500] + "… (9 characters)", long, NF)  # the length said wrong
+    assert not passes_on(sock_msg, "restarting", UNAV) and not passes_on("restarting", "restarting", UNAV)
+
+
 def allowed_error(method, raw, code, details, fakes, script) -> None:
     _, m = METHODS[method]
     called = [n for n, f in fakes.items() if f.calls]
@@ -217,9 +260,7 @@ def allowed_error(method, raw, code, details, fakes, script) -> None:
     if code in {b.code for b in failing.values()}:
         # a backend's code comes back unchanged, its message too (perhaps shortened)
         msgs = [b.details for b in failing.values() if b.code == code]
-        assert any(details == d or (details.endswith("…") and d.startswith(details[:-1].split("…")[0][:100]))
-                   or d.startswith(details[:200]) or (code == grpc.StatusCode.UNAVAILABLE and "backend" in details)
-                   for d in msgs), (code, details[:200], [d[:200] for d in msgs])
+        assert any(passes_on(details, d, code) for d in msgs), (code, details[:200], [d[:200] for d in msgs])
         return
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         assert any(script[n].delay >= TIMEOUT for n in called), "DEADLINE_EXCEEDED without a slow backend"
