@@ -8,6 +8,7 @@ figure to quote. An explicit count wins over `--quick`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -47,3 +48,11 @@ class BenchArgs:
 def print_ratio(what: str, value: float, note: str = "") -> None:
     """The bench's headline, one line in a form tests and people can find: `ratio <what>: <x>x  <note>`."""
     print(f"ratio {what}: {value:.2f}x" + (f"  ({note})" if note else ""), flush=True)
+
+
+def exit_status(left: list[str]) -> int:
+    """The bench's exit status: 1, saying what, when it left anything behind (removed by then), else 0."""
+    if left:
+        print(f"the bench left things behind (removed now): {left}", file=sys.stderr)
+        return 1
+    return 0

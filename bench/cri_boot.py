@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cli import BenchArgs, print_ratio  # noqa: E402
+from bench.cli import BenchArgs, exit_status, print_ratio  # noqa: E402
 from cri_shim import pod_volumes  # noqa: E402
 from cri_shim.network import NetworkManager, netns  # noqa: E402
 from cri_shim.network.names import netns_name  # noqa: E402
@@ -135,10 +135,7 @@ def main() -> int:
     print(f"bare qemu-system-x86_64 to boot marker: best {min(bare):.2f}s  median {statistics.median(bare):.2f}s")
     print(f"vmlet RunPodSandbox to marker in CRI log: best {min(ours):.2f}s  median {statistics.median(ours):.2f}s")
     print_ratio("vmlet/bare (best)", min(ours) / min(bare), "target <= 1.25x")
-    if left:
-        print(f"the bench left things behind (removed now): {left}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(left)
 
 
 if __name__ == "__main__":

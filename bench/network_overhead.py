@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cli import BenchArgs, print_ratio  # noqa: E402
+from bench.cli import BenchArgs, exit_status, print_ratio  # noqa: E402
 from cri_shim.network import NetworkManager, netns  # noqa: E402
 from tests.support import netsupport  # noqa: E402
 
@@ -82,10 +82,7 @@ def main() -> int:
     added = med(with_cni[0]) - med(lo_only[0])
     print(f"networking adds {med(with_cni[0]):.0f} ms to RunPodSandbox ({added:.0f} ms beyond a bare namespace)")
     print_ratio("pod network/bare namespace setup (bridge binding)", med(with_cni[0]) / med(lo_only[0]))
-    if left:
-        print(f"the bench left things behind (removed now): {left}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(left)
 
 
 if __name__ == "__main__":
