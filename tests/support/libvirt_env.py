@@ -168,7 +168,7 @@ def release_work_dir(d: Path) -> None:
                 pass
     for records in d.glob("**/network"):
         state = records.parent
-        if records.is_dir() and (state / "vmlet.db").exists():
+        if records.is_dir() and any((r / "record.json").exists() for r in records.iterdir()):
             try:
                 NetworkManager(state).sweep([])
             except Exception as e:  # noqa: BLE001 - best effort: report, and go on with the rest
