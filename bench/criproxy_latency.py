@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cli import BenchArgs, print_ratio  # noqa: E402
 from proto.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+from tests.support import netsupport  # noqa: E402 - the work dir names the bench process (leftover sweeps)
 
 CONTAINERD = "/run/vmlet-containerd/containerd.sock"
 IMAGE = "localhost/vmlet/busybox:1"
@@ -96,7 +97,7 @@ def main() -> int:
                                                                        uid=uid),
                                    labels={"vmlet-bench": "criproxy"})
     pod.linux.cgroup_parent = f"/vmlet-bench/pod{uid}"
-    tmp = Path(tempfile.mkdtemp(prefix="criproxy-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"criproxy-bench-{netsupport.STATE_MARK}-"))
     pod.log_directory = str(tmp / "logs")  # per run: concurrent runs never remove each other's
     procs: list[subprocess.Popen] = []
     sb = None

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cli import BenchArgs, print_ratio  # noqa: E402
 from proto.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+from tests.support import netsupport  # noqa: E402 - the work dir names the bench process (leftover sweeps)
 from tests.support.http_server import ImageServer  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main() -> int:
     cli.count("--runs", 3, 1, "pulls (and baselines); the best counts")
     args = cli.parse()
 
-    with tempfile.TemporaryDirectory(prefix="vmlet-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"vmlet-bench-{netsupport.STATE_MARK}-") as tmp:
         tmp = Path(tmp)
         print(f"creating a {args.size_mib} MiB qcow2 of random data…", flush=True)
         image = make_image(tmp, args.size_mib)

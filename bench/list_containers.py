@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from bench.cli import BenchArgs, print_ratio  # noqa: E402
 from cri_shim.state import ContainerRecord, SandboxRecord, Store  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
-from tests.support import cri, libvirt_env  # noqa: E402
+from tests.support import cri, libvirt_env, netsupport  # noqa: E402
 
 
 def fill(db: Path, n: int) -> None:
@@ -61,7 +61,7 @@ def main() -> int:
     cli.count("--calls", 200, 20, "calls of each kind")
     args = cli.parse()
     libvirt_env.WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-", dir=libvirt_env.WORK_ROOT))
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{netsupport.STATE_MARK}-", dir=libvirt_env.WORK_ROOT))
     work.chmod(0o711)
     (work / "state").mkdir(mode=0o711)
     fill(work / "state" / "vmlet.db", args.containers)
