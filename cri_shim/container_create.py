@@ -110,7 +110,9 @@ def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb
         sb = rt.sandbox(sb.id)
         if sb.state != api_pb2.SANDBOX_READY:
             raise errors.failed_precondition(f"pod sandbox {sb.id} is not ready")
-        existing = rt.store.containers_of(sb.id)
+        # One VM per pod. An exited one does not count: the kubelet restarts a container (restartPolicy, a
+        # failed start) by creating its next attempt beside the dead one, which it garbage-collects later.
+        existing = [c for c in rt.store.containers_of(sb.id) if c.state != api_pb2.CONTAINER_EXITED]
         if existing:
             raise errors.failed_precondition(
                 f"a VM pod has exactly one container: sandbox {sb.id} already has container "

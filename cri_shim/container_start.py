@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import libvirt
 
@@ -14,6 +15,7 @@ from .runtime import Runtime, now_ns
 from .volumes import vm_files
 
 START_ERROR_EXIT = 128  # containerd's exit code for a container that failed to start
+RECONNECT_WAIT = 15.0  # seconds StartContainer waits for a restarting libvirtd
 
 
 def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.StartContainerResponse:
@@ -32,13 +34,13 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
             pod_volumes.prepare(files.dir, pod_volumes.load(files.volumes_record)[0])
             rt.host.start(c.domain_name)
         except libvirt.libvirtError as e:
-            if not errors.libvirt_unreachable(e):
+            # libvirtd restarting under the call: the domain may have booted before the answer was lost.
+            # The kubelet never repeats a StartContainer (it creates a new container), so settle it here.
+            if not (errors.libvirt_unreachable(e) and _start_after_reconnect(rt, c.domain_name)):
                 _start_failed(rt, c.id, files, e)
-                raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
-            # libvirtd restarting: the container stays CREATED, the kubelet's retry may start it.
-            pod_volumes.release(files.dir)
-            raise errors.unavailable(f"cannot start the VM of container {c.id} now: libvirtd is not reachable: "
-                                     f"{e}") from None
+                raise (errors.unavailable(f"cannot start the VM of container {c.id}: libvirtd is not reachable: {e}")
+                       if errors.libvirt_unreachable(e) else
+                       errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}")) from None
         except (LookupError, OSError, pod_volumes.VolumeMountError) as e:
             _start_failed(rt, c.id, files, e)
             raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
@@ -51,6 +53,20 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
         # A guest that powered off before RUNNING was recorded had its stop event ignored.
         rt.record_exit(c.id)
     return api_pb2.StartContainerResponse()
+
+
+def _start_after_reconnect(rt: Runtime, domain: str) -> bool:
+    """Once libvirtd answers again (within RECONNECT_WAIT), start the domain unless it already runs."""
+    deadline = time.monotonic() + RECONNECT_WAIT
+    while time.monotonic() < deadline:
+        try:
+            rt.host.start(domain)  # idempotent: a domain that booted before the connection broke is left alone
+            return True
+        except libvirt.libvirtError as e:
+            if not errors.libvirt_unreachable(e):
+                return False
+            time.sleep(0.5)
+    return False
 
 
 def _start_failed(rt: Runtime, container_id: str, files, e: BaseException) -> None:

@@ -103,9 +103,14 @@ class LibvirtHost:
                 winner = self._conn
             else:
                 winner = None
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
-                conn.setKeepAlive(5, 3)
-                conn.registerCloseCallback(self._on_close, None)
+                try:
+                    conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle,
+                                                None)
+                    conn.setKeepAlive(5, 3)
+                    conn.registerCloseCallback(self._on_close, None)
+                except libvirt.libvirtError:
+                    _close_quietly(conn)  # libvirtd went away again right after open()
+                    raise
                 self._conn = conn
                 replay = self._connected_before
                 self._connected_before = True

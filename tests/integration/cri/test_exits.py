@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import libvirt
 import pytest
 
@@ -58,3 +59,34 @@ def test_destroyed_vm_is_killed(client, pulled, vmlet_dir, libvirt_conn):
     wait_listed_exited(client, cid)
     st = client.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid)).status
     assert (st.exit_code, st.reason) == (137, "Killed")
+
+
+def test_the_kubelet_restarts_an_exited_vm_as_its_next_attempt(client, pulled, vmlet_dir, libvirt_conn):
+    """restartPolicy Always: after the guest powered off, the kubelet creates attempt 1 beside the dead container."""
+    name = "restarted"
+    pod = cri.pod_config(name=name, log_directory=str(vmlet_dir / "pods" / name))
+    sid = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
+    first = client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+        pod_sandbox_id=sid, config=cri.container_config(TESTVM, log_path="vm/0.log"), sandbox_config=pod),
+        timeout=120).container_id
+    client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=first), timeout=120)
+    wait_for_log(vmlet_dir / "pods" / name / "vm" / "0.log", r"VMLET-TESTVM: ready$", 180)
+    domain_of(libvirt_conn, first).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+    wait_listed_exited(client, first)
+
+    again = cri.container_config(TESTVM, log_path="vm/1.log")
+    again.metadata.attempt = 1
+    second = client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+        pod_sandbox_id=sid, config=again, sandbox_config=pod), timeout=120).container_id
+    client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=second), timeout=120)
+    wait_for_log(vmlet_dir / "pods" / name / "vm" / "1.log", r"VMLET-TESTVM: ready$", 180)
+    st = client.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=second), timeout=10).status
+    assert st.state == api_pb2.CONTAINER_RUNNING and st.metadata.attempt == 1
+    # A second live VM in the pod is still refused.
+    third = cri.container_config(TESTVM, log_path="vm/2.log")
+    third.metadata.attempt = 2
+    with pytest.raises(grpc.RpcError) as e:
+        client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+            pod_sandbox_id=sid, config=third, sandbox_config=pod), timeout=120)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and second in e.value.details()
+    client.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=first), timeout=60)  # the GC
