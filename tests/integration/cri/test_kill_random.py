@@ -29,7 +29,6 @@ import random
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
@@ -38,15 +37,14 @@ from cri_shim.network import dhcp, links, netns
 from cri_shim.network.names import netns_name, owner_tag
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
+from tests.support.fuzz_profile import LONG, SEED
 from tests.support.libvirt_env import RUN_PREFIX
 
 from .conftest import TESTVM
 
 pytestmark = pytest.mark.libvirt
 
-PROFILE = os.environ.get("VMLET_FUZZ", "ci")
-ROUNDS = int(os.environ.get("VMLET_KILL_ROUNDS", {"ci": 20, "long": 100}[PROFILE]))  # per binding: 40 in CI
-SEED = int(os.environ.get("VMLET_FUZZ_SEED", "20261201"))
+ROUNDS = int(os.environ.get("VMLET_KILL_ROUNDS", 100 if LONG else 20))  # per binding: 40 in CI
 STEPS = ("PullImage", "RunPodSandbox", "CreateContainer", "StartContainer", "StopContainer", "RemoveContainer",
          "StopPodSandbox", "RemovePodSandbox")
 CALL_TIMEOUT = 120

@@ -11,7 +11,6 @@ Profiles: `VMLET_FUZZ=ci` (the default: derandomized, a bounded example count) o
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +21,16 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from tests.integration.criproxy import raw_server
+from tests.support import fuzz_profile
 from tests.integration.criproxy.raw_server import SERVICES
 
-PROFILE = os.environ.get("VMLET_FUZZ", "ci")
-if PROFILE not in ("ci", "long"):
-    raise RuntimeError(f"VMLET_FUZZ={PROFILE!r}: expected ci or long")
 METHODS = {m.name: (svc, m) for svc in SERVICES for m in svc.methods}
 
 
 def fuzz_settings(ci_examples: int, long_examples: int | None = None) -> settings:
     """Per-test settings (no global profile: other suites in the same session keep theirs)."""
     common = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-    if PROFILE == "long":
+    if fuzz_profile.LONG:
         return settings(max_examples=long_examples or ci_examples * 20, **common)
     return settings(max_examples=ci_examples, derandomize=True, **common)
 

@@ -78,8 +78,9 @@ SLOW = {"RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "CreateContainer"
         "UpdatePodSandboxResources", "ReopenContainerLog"}
 CHEAP_DEADLINE = 20.0
 SLOW_DEADLINE = 120.0
-MAX_MESSAGE = 4096  # an error message longer than this echoes request values (issue #12 defect 7)
-FIRST_MESSAGE_WAIT = 2.0  # streams: wait this long for a first message, then cancel
+MAX_MESSAGE = 2048  # bytes of grpc-message: vmlet caps every status message here (docs/robustness.md)
+FIRST_MESSAGE_WAIT = 10.0  # streams: wait this long for a first message (a loaded 2-core machine), then cancel
+EVENTS_WAIT = 1.0  # GetContainerEvents has no first message until something happens: listen this long
 
 
 @dataclass
@@ -115,7 +116,7 @@ def invoke(client, rpc: Rpc, request: Message) -> Answer:
     call = method(request, timeout=timeout)
     first = _pool.submit(next, call, None)
     try:
-        response = first.result(timeout=FIRST_MESSAGE_WAIT)
+        response = first.result(timeout=EVENTS_WAIT if rpc.name == "GetContainerEvents" else FIRST_MESSAGE_WAIT)
         code, details = OK, ""
     except concurrent.futures.TimeoutError:
         response, code, details = None, OK, "(no first message yet: a stream of future events)"
@@ -138,8 +139,9 @@ def problems(answer: Answer, allowed: set[grpc.StatusCode] | None = None) -> lis
     elif answer.code not in allowed:
         out.append(f"{answer.rpc.name} answered {answer.code.name}, not one of "
                    f"{sorted(c.name for c in allowed)}: {answer.details[:600]!r}")
-    if len(answer.details) > MAX_MESSAGE:
-        out.append(f"{answer.rpc.name}'s error message is {len(answer.details)} characters long (echoes the request)")
+    if len(answer.details.encode()) > MAX_MESSAGE:
+        out.append(f"{answer.rpc.name}'s error message is {len(answer.details.encode())} bytes long, over the "
+                   f"{MAX_MESSAGE}-byte cap (echoes the request)")
     if answer.rpc.streaming and answer.code == OK and answer.response is None \
             and answer.rpc.name != "GetContainerEvents":
         out.append(f"{answer.rpc.name} sent no first message within {FIRST_MESSAGE_WAIT}s")

@@ -15,7 +15,7 @@ is written (the repo stays clean).
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import shutil
 import uuid
@@ -31,13 +31,13 @@ from cri_shim import pod_volumes
 from cri_shim.network import NetworkManager
 from proto.runtime.v1 import api_pb2
 from tests.support import cri, libvirt_env, netsupport
+from tests.support.fuzz_profile import PROFILE
 from tests.support.http_server import ImageServer
 
 from . import calls, hostwatch
 from .protofuzz import Pools, Rpc, rpcs
 
 TESTVM = "virtlet.cloud/testvm"
-PROFILE = os.environ.get("VMLET_FUZZ", "ci")
 SCALE = {"ci": 1, "long": 20}
 
 # No explain phase: it re-runs a failing example many times against the daemon (minutes per failure).
@@ -47,8 +47,6 @@ _common = dict(deadline=None, database=None, print_blob=True,
                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
 settings.register_profile("ci", max_examples=10, derandomize=True, **_common)
 settings.register_profile("long", max_examples=200, derandomize=False, **_common)
-if PROFILE not in SCALE:
-    raise pytest.UsageError(f"VMLET_FUZZ={PROFILE!r}: use one of {sorted(SCALE)}")
 settings.load_profile(PROFILE)
 
 
@@ -282,13 +280,13 @@ def fuzzer(libvirt_conn, test_image, fuzz_image_server, work_root, test_network)
         live = Live(proc.client, log_dir)
         yield Fuzzer(proc, daemon_dir, watch, live)
     finally:
-        try:
+        # Every cleanup step runs even if a check before it raised (a libvirtd restarted under the suite).
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(shutil.rmtree, daemon_dir, ignore_errors=True)
+            cleanup.callback(pod_volumes.unmount_under, daemon_dir)
+            cleanup.callback(watch.close)
+            cleanup.callback(proc.kill)  # stopped gracefully by _teardown; this only acts if a check there raised
             problems = _teardown(proc, live, watch, cni_dir, test_network, daemon_dir)
-        finally:
-            proc.kill()  # stopped gracefully by _teardown; this only acts if a check there raised
-            watch.close()
-        pod_volumes.unmount_under(daemon_dir)
-        shutil.rmtree(daemon_dir, ignore_errors=True)
     assert not problems, "the fuzzed daemon left things behind:\n" + "\n".join(problems)
 
 
