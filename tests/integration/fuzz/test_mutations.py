@@ -41,6 +41,13 @@ def names_what_was_wrong(rpc, request, answer, path: str, value) -> list[str]:
     return [f"{rpc.name}: INVALID_ARGUMENT for the mutated field {path} does not name it: {answer.details[:300]!r}"]
 
 
+def check_mutated(fuzzer, rpc_name: str, request, path: str, value, follow=None) -> None:
+    """Send the mutated request (and what follows it); its refusal, if any, must name the mutated field."""
+    fuzzer.check([(R[rpc_name], request)], follow=follow,
+                 extra=lambda rpc, req, ans: names_what_was_wrong(rpc, req, ans, path, value)
+                 if rpc.name == rpc_name else [])
+
+
 POD_PATHS = field_paths(api_pb2.RunPodSandboxRequest.DESCRIPTOR)
 CREATE_PATHS = [p for p in field_paths(api_pb2.CreateContainerRequest.DESCRIPTOR)
                 if not path_name(p).startswith("sandbox_config")]  # vmlet uses the stored config, as containerd
@@ -90,9 +97,7 @@ def test_run_pod_sandbox_one_field_mutated(fuzzer, data):
                         pod_sandbox_id=sid, config=live.container_config(), sandbox_config=request.config))]
         return _status_after_create(fuzzer)(answer)
 
-    fuzzer.check([(R["RunPodSandbox"], request)], follow=follow,
-                 extra=lambda rpc, req, ans: names_what_was_wrong(rpc, req, ans, path, value)
-                 if rpc.name == "RunPodSandbox" else [])
+    check_mutated(fuzzer, "RunPodSandbox", request, path, value, follow=follow)
 
 
 @settings(max_examples=examples(25))
@@ -105,9 +110,7 @@ def test_create_container_one_field_mutated(fuzzer, data):
                                           sandbox_config=live.pod_configs[sid])
     request, path, value = data.draw(mutations(base, live.pools(), CREATE_PATHS).map(_shown), label="mutation")
     assume(request.ByteSize() < 1 << 20)
-    fuzzer.check([(R["CreateContainer"], request)], follow=_status_after_create(fuzzer),
-                 extra=lambda rpc, req, ans: names_what_was_wrong(rpc, req, ans, path, value)
-                 if rpc.name == "CreateContainer" else [])
+    check_mutated(fuzzer, "CreateContainer", request, path, value, follow=_status_after_create(fuzzer))
 
 
 @settings(max_examples=examples(20))
@@ -126,9 +129,7 @@ def test_update_container_resources_one_field_mutated(fuzzer, data):
             return [(R["ContainerStatus"], api_pb2.ContainerStatusRequest(container_id=request.container_id))]
         return []
 
-    fuzzer.check([(R["UpdateContainerResources"], request)], follow=follow,
-                 extra=lambda rpc, req, ans: names_what_was_wrong(rpc, req, ans, path, value)
-                 if rpc.name == "UpdateContainerResources" else [])
+    check_mutated(fuzzer, "UpdateContainerResources", request, path, value, follow=follow)
 
 
 @settings(max_examples=examples(4))
