@@ -61,6 +61,9 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None,
         kubernetes.config.load_incluster_config(client_configuration=cfg)
     else:
         kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    # No urllib3 retries (its default is 3): a read timeout retried three times makes a request's
+    # deadline four times what Kube(timeout=...) says. The controller's worker retries with back-off.
+    cfg.retries = 0
     api = kubernetes.client.ApiClient(configuration=cfg)
     if user_agent:
         api.user_agent = user_agent
