@@ -19,6 +19,7 @@ controller every VM gets a fresh worker whose first pass reads the cluster.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -34,7 +35,8 @@ from vmapi.client import Conflict, Kube, connection_info
 
 T = TypeVar("T")
 FINALIZER = "vmlet.dev/vm-controller"
-ERROR_BACKOFF = (0.5, 1, 2, 5, 10, 30, 60)
+LOCK_POLL = 0.05  # seconds between looks at a busy VM lock
+ERROR_BACKOFF = (0.5, 1, 2, 5, 10, 30, reconcile.MAX_RETRY_AFTER)
 
 
 @dataclasses.dataclass
@@ -49,11 +51,43 @@ class Context:
     # the pod afterwards would leave a pod behind for a deleted VM.
     locks: dict[tuple[str, str], threading.Lock] = dataclasses.field(default_factory=dict)
     passes: int = 0  # reconcile passes done (the benchmark reads it)
+    # The threads passes and finalizations run in: our own pool, not asyncio's default one (6 threads
+    # on 2 cores, shared with kopf), so a few passes hung on the API server cannot stall every VM.
+    # operator.run() makes it and shuts it down.
+    executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def locked(self, key: tuple[str, str], fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(*args) (in a worker thread) holding the VM's lock."""
-        with self.locks.setdefault(key, threading.Lock()):
-            return fn(*args)
+    def open_executor(self) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.opts.workers,
+                                                              thread_name_prefix="vmlet-reconcile")
+
+    def close_executor(self) -> None:
+        # Do not wait: a pass blocked on the API server ends at its request deadline anyway.
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+    async def locked(self, key: tuple[str, str], fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in a pool thread, holding the VM's lock. Waiting for the lock holds no thread:
+        the thread only tries it, and the wait between tries is on the event loop."""
+        lock = self.locks.setdefault(key, threading.Lock())
+        if self.executor is None:
+            raise RuntimeError("the controller's executor is not open (run the handlers through operator.run)")
+        loop = asyncio.get_running_loop()
+
+        def attempt() -> tuple[T] | None:
+            if not lock.acquire(blocking=False):
+                return None
+            try:
+                return (fn(*args),)
+            finally:
+                lock.release()
+
+        while True:
+            while lock.locked():
+                await asyncio.sleep(LOCK_POLL)
+            done = await loop.run_in_executor(self.executor, attempt)
+            if done is not None:
+                return done[0]
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -78,6 +112,11 @@ API_ERRORS = (ApiException, Conflict, urllib3.exceptions.HTTPError, OSError)
 
 def backoff(failures: int) -> float:
     return ERROR_BACKOFF[min(max(failures, 1), len(ERROR_BACKOFF)) - 1]
+
+
+def retry_delay(failures: int, retry_after: float | None) -> float:
+    """Our back-off, or the server's Retry-After when longer — which never exceeds our longest."""
+    return max(backoff(failures), reconcile.clamp_retry_after(retry_after) or 0)
 
 
 @kopf.on.login()
@@ -125,21 +164,21 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
             wake.clear()
             delay = ctx.opts.resync_seconds
             try:
-                res = await asyncio.to_thread(ctx.locked, key, reconcile.reconcile_once, ctx.kube, namespace, name,
-                                              ctx.opts, time.time())
+                res = await ctx.locked(key, reconcile.reconcile_once, ctx.kube, namespace, name, ctx.opts,
+                                       time.time())
                 ctx.passes += 1
                 if res.vm is not None:
                     for type_, reason, message in res.events:
                         kopf.event(res.vm, type=type_, reason=reason, message=message)
                 failures = failures + 1 if res.error else 0
                 if res.error:
-                    delay = max(backoff(failures), res.retry_after or 0)
+                    delay = retry_delay(failures, res.retry_after)
                     logger.warning("reconcile: %s (retry in %ss)", res.error, delay)
                 elif res.requeue_after is not None:
                     delay = min(delay, res.requeue_after)
             except API_ERRORS as e:  # API unreachable, 5xx, 429, a timeout: retry later, never die
                 failures += 1
-                delay = max(backoff(failures), reconcile.retry_after(e) or 0)
+                delay = retry_delay(failures, reconcile.retry_after(e))
                 logger.warning("reconcile failed (retry in %ss): %s", delay, e)
             except Exception:  # a bug: say so loudly, keep serving the other VMs, retry slowly
                 failures += 1
@@ -158,11 +197,11 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
 async def vm_deleted(body: kopf.Body, memo: Any, retry: int, namespace: str, name: str, **_: Any) -> None:
     ctx = _ctx(memo)
     try:
-        done = await asyncio.to_thread(ctx.locked, (namespace, name), reconcile.finalize, ctx.kube, dict(body))
+        done = await ctx.locked((namespace, name), reconcile.finalize, ctx.kube, dict(body))
     except API_ERRORS as e:
         # Not kopf's default for an exception (retry in 60 s): the API's own back-off, or ours.
         raise kopf.TemporaryError(f"deleting the VM pod: {reconcile.short(e)}",
-                                  delay=max(backoff(retry + 1), reconcile.retry_after(e) or 0)) from None
+                                  delay=retry_delay(retry + 1, reconcile.retry_after(e))) from None
     if not done:
         raise kopf.TemporaryError("waiting for the VM pod to terminate", delay=2)
     ctx.locks.pop((namespace, name), None)

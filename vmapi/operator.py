@@ -40,11 +40,16 @@ async def run(*, kubeconfig: str | None = None, opts: reconcile.Options | None =
               namespaces: list[str] | None = None, liveness: str | None = None,
               stop_flag: Any = None, ready_flag: Any = None, memo: kopf.Memo | None = None) -> None:
     memo = memo or make_memo(kubeconfig, opts)
-    await kopf.operator(
-        standalone=standalone, peering_name=None if standalone else peering, priority=priority,
-        clusterwide=not namespaces, namespaces=namespaces or (), liveness_endpoint=liveness,
-        stop_flag=stop_flag, ready_flag=ready_flag, memo=memo,
-    )
+    ctx: controller.Context = memo["vmlet"]
+    ctx.open_executor()
+    try:
+        await kopf.operator(
+            standalone=standalone, peering_name=None if standalone else peering, priority=priority,
+            clusterwide=not namespaces, namespaces=namespaces or (), liveness_endpoint=liveness,
+            stop_flag=stop_flag, ready_flag=ready_flag, memo=memo,
+        )
+    finally:
+        ctx.close_executor()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="crash-loop back-off base in seconds")
     p.add_argument("--request-timeout", type=float, default=reconcile.Options.request_timeout,
                    help="seconds an API request may take to connect, and again to answer")
+    p.add_argument("--workers", type=int, default=reconcile.Options.workers,
+                   help="threads reconciling VMs at once (a pass blocked on the API server holds one)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers: {args.workers}: at least 1")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = reconcile.Options(resync_seconds=args.resync, backoff_base=args.crashloop_base,
-                             request_timeout=args.request_timeout)
+                             request_timeout=args.request_timeout, workers=args.workers)
     asyncio.run(run(kubeconfig=args.kubeconfig, opts=opts, standalone=args.standalone, peering=args.peering,
                     priority=args.priority, namespaces=args.namespaces, liveness=args.liveness))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -33,6 +34,7 @@ class Options:
     backoff_base: float = strategy.BACKOFF_BASE
     backoff_cap: float = strategy.BACKOFF_CAP
     request_timeout: float = 30.0  # per API request (connect, then read), the controller's and kopf's
+    workers: int = 32  # threads for passes and finalizations (VMs reconciled at once)
 
 
 @dataclasses.dataclass
@@ -163,13 +165,26 @@ def short(e: BaseException) -> str:
     return str(e)
 
 
+# The longest wait a server's Retry-After can impose (the controller's largest error back-off): a
+# hostile or broken "1e9" must not park a VM's worker for good.
+MAX_RETRY_AFTER = 60.0
+
+
 def retry_after(e: BaseException) -> float | None:
-    """The server's Retry-After (429, 503) in seconds, when it sent one."""
+    """The server's Retry-After (429, 503) in seconds, at most MAX_RETRY_AFTER; None when it sent
+    none or nothing usable (an HTTP date, "inf", "nan", a negative number)."""
     headers = getattr(e, "headers", None) if isinstance(e, ApiException) else None
     try:
-        return float(headers["Retry-After"]) if headers and headers.get("Retry-After") else None
+        value = float(headers["Retry-After"]) if headers and headers.get("Retry-After") else None
     except (TypeError, ValueError):
         return None
+    return clamp_retry_after(value)
+
+
+def clamp_retry_after(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value) or value < 0:
+        return None
+    return min(value, MAX_RETRY_AFTER)
 
 
 def finalize(kube: Kube, vm: dict[str, Any]) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import kmock
 import pytest
 
-from vmapi import client, podspec
-from tests.integration.vmapi.harness import Operator, vm_manifest, wait_for
+from vmapi import client, podspec, types
+from tests.integration.vmapi import faults
+from tests.integration.vmapi.harness import FAST, Operator, vm_manifest, wait_for
 from tests.integration.vmapi.test_run_strategies import _condition, quiet, running
 
 pytestmark = pytest.mark.asyncio
@@ -61,6 +63,37 @@ async def test_api_errors_are_retried_with_back_off(server, cluster, operator):
     await cluster.kubelet("e", "Running")
     await cluster.wait_status("e", "Running", timeout=8)
     assert await _condition(cluster, "e", "Failure") is None
+
+
+async def test_passes_hung_on_the_api_server_do_not_stall_the_other_vms(server, kubeconfig, cluster):
+    """Passes run in the controller's own thread pool, not asyncio's default executor (at most 32
+    threads, 6 on 2 cores): more hung passes than that must leave the other VMs served."""
+    hung = {f"hung{i}" for i in range(36)}
+
+    def hang_their_gets(request):
+        if (request.name in hung and faults.request_kind(request) == f"{types.PLURAL}:get"
+                and faults.from_controller(request)):
+            return faults.Fault("hang")
+        return None
+
+    def hanging() -> int:
+        return sum(1 for r in list(server._requests.inflight.values())
+                   if r.name in hung and faults.request_kind(r) == f"{types.PLURAL}:get")
+
+    server.faults = hang_their_gets
+    # Deadlines far past the test's waits: a hung pass holds its thread until the test releases it.
+    op = await Operator(server, kubeconfig, dataclasses.replace(FAST, request_timeout=120.0, workers=48)).start()
+    try:
+        for name in sorted(hung):
+            await cluster.create_vm(name)
+        await wait_for(lambda: hanging() == len(hung), 10, f"{len(hung)} hung passes")
+        await cluster.create_vm("free")
+        await cluster.wait_pod("free", timeout=5)
+        assert hanging() == len(hung)
+    finally:
+        server.faults = None
+        server.released.set()  # the hung answers end: their passes fail and the operator can stop
+        await op.stop()
 
 
 async def test_controller_restart_converges_on_what_changed_meanwhile(server, kubeconfig, cluster):
