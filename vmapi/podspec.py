@@ -71,7 +71,15 @@ def check_annotations(where: str, annotations: Mapping[str, Any]) -> None:
     size = 0
     for k, v in annotations.items():
         _check_key(where, k)
-        size += len(k.encode("utf-8", "surrogatepass")) + len(str(v).encode("utf-8", "surrogatepass"))
+        v = str(v)
+        try:
+            encoded = v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # A lone surrogate is no Unicode text: on the wire it would arrive as U+FFFD, so the pod
+            # would silently carry another value than the VM asked for.
+            raise SpecError(f"{where}[{k}]: the value has a lone surrogate ({v[e.start]!r} at index {e.start}), "
+                            "which is not valid Unicode text") from None
+        size += len(k.encode("utf-8")) + len(encoded)
     if size > MAX_ANNOTATIONS_BYTES:
         raise SpecError(f"{where}: {size} bytes in all, over the API server's {MAX_ANNOTATIONS_BYTES} "
                         "(user data, SSH keys and template annotations together)")

@@ -136,8 +136,11 @@ def api_server_problems(pod: dict[str, Any]) -> list[str]:
     for k, v in meta["annotations"].items():
         if not valid_key(k) or not isinstance(v, str):
             out.append(f"annotation {k!r}")
-        else:
+            continue
+        try:
             size += len(k.encode()) + len(v.encode())
+        except UnicodeEncodeError:  # a lone surrogate: the server would store U+FFFD instead
+            out.append(f"annotation {k!r}: {v!r} is not valid Unicode text")
     if size > 256 * 1024:
         out.append(f"annotations {size} bytes")
     for k, v in pod["spec"]["nodeSelector"].items():

@@ -97,3 +97,12 @@ def test_ownership():
     assert podspec.is_owned_by(pod, VM)
     assert not podspec.is_owned_by(pod, {"metadata": {"uid": "other"}})
     assert not podspec.is_owned_by({"metadata": {}}, VM)
+
+
+@pytest.mark.parametrize("value", ["a\ud800b", "\udfff", "ok\udc80"])
+def test_a_lone_surrogate_in_a_template_annotation_is_a_spec_error_naming_the_key(value):
+    """JSON carries it as an escape, the API server stores U+FFFD: the pod would differ from the VM."""
+    vm = copy.deepcopy(VM)
+    vm["spec"]["template"]["metadata"]["annotations"]["team"] = value
+    with pytest.raises(podspec.SpecError, match=r"spec\.template\.metadata\.annotations\[team\].*surrogate"):
+        podspec.render(vm)
