@@ -14,14 +14,14 @@ import itertools
 import time
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 
 from cri_shim import annotations as va
 from tests.integration.vmapi.convergence import LogWatch, check, GONE
-from tests.integration.vmapi.harness import NS, TIMEOUT_SCALE
+from tests.integration.vmapi.harness import NS, TIMEOUT_SCALE, vm_manifest
 from tests.integration.vmapi.profile import LONG
 from tests.unit.test_vmapi_fuzz import vm_bodies
-from vmapi import podspec, types
+from vmapi import podspec, requests, types
 
 pytestmark = pytest.mark.asyncio
 EXAMPLES = 300 if LONG else 25
@@ -50,6 +50,9 @@ async def test_hostile_vms_become_a_pod_or_a_clear_condition(server, cluster, op
               phases=list(Phase) if LONG else [Phase.explicit, Phase.generate],  # shrinking costs minutes here
               suppress_health_check=list(HealthCheck))
     @given(vm=vm_bodies())
+    # Valid VMs whose runStrategy wants no pod: neither a pod nor InvalidSpec, but Stopped.
+    @example(vm=vm_manifest("halted", "Halted"))
+    @example(vm=vm_manifest("manual", "Manual"))
     def one(vm):
         name = vm["metadata"]["name"]
         if not _routable(name):
@@ -60,19 +63,29 @@ async def test_hostile_vms_become_a_pod_or_a_clear_condition(server, cluster, op
         cluster.custom.create_namespaced_custom_object(types.GROUP, types.VERSION, NS, types.PLURAL, body,
                                                        _preload_content=False)
 
+        wants_no_pod = _wants_no_pod(body)
+
         def outcome():
             got = cluster.kube.get_vm(NS, name)
             st = (got or {}).get("status") or {}
             pod = cluster.kube.get_pod(NS, podspec.pod_name(name))
             if pod is not None:
                 return ("pod", pod)
-            if any(isinstance(c, dict) and c.get("type") == "Failure" and c.get("reason") == "InvalidSpec"
-                   for c in st.get("conditions") or []):
+            conditions = [c for c in st.get("conditions") or [] if isinstance(c, dict)]
+            if any(c.get("type") == "Failure" and c.get("reason") == "InvalidSpec" for c in conditions):
                 return ("invalid", st)
+            # Status, conditions and printableStatus come in one patch: Stopped without a Failure is final.
+            if wants_no_pod and st.get("printableStatus") == "Stopped" and not any(
+                    c.get("type") == "Failure" for c in conditions):
+                return ("stopped", got)
             return None
-        kind, what = wait(outcome, f"VM {name!r} to get a pod or an InvalidSpec condition", timeout=3)
+        kind, what = wait(outcome, f"VM {name!r} to get a pod, an InvalidSpec condition or (its runStrategy "
+                                   "wants no pod) to be Stopped", timeout=3)
         if kind == "pod":
             va.VMAnnotations.from_pod_annotations(what["metadata"]["annotations"])
+        elif kind == "stopped":
+            assert not what["status"].get("created") and not what["status"].get("ready"), what["status"]
+            podspec.render(what)  # no InvalidSpec: the spec must be one that makes a pod when started
         else:
             failure = [c for c in what["conditions"] if c["type"] == "Failure" and c["status"] == "True"]
             assert failure and failure[0]["message"], what
@@ -86,6 +99,15 @@ async def test_hostile_vms_become_a_pod_or_a_clear_condition(server, cluster, op
         await asyncio.to_thread(one)
     assert operator.alive()
     assert not logs.crashes(), "\n".join(logs.crashes())
+
+
+def _wants_no_pod(body) -> bool:
+    """Halted, or Manual with no start request: a valid VM then stays Stopped, without a pod."""
+    spec = body.get("spec")
+    rs = spec.get("runStrategy", "Always") if isinstance(spec, dict) else None
+    annotations = body["metadata"].get("annotations")
+    queued = isinstance(annotations, dict) and requests.ANNOTATION in annotations
+    return rs == "Halted" or (rs == "Manual" and not queued)
 
 
 async def _gone(server, name):

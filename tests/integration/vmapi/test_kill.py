@@ -25,14 +25,15 @@ import kmock
 import pytest
 
 from tests.integration.vmapi import faults
-from tests.integration.vmapi.convergence import GONE, RUNNING, STOPPED, AutoKubelet, converged, pods_of
-from tests.integration.vmapi.harness import wait_for, watches
+from tests.integration.vmapi.convergence import GONE, RUNNING, STOPPED, AutoKubelet, check, converged, pods_of
+from tests.integration.vmapi.harness import TIMEOUT_SCALE, wait_for, watches
 from tests.integration.vmapi.profile import LONG, SEED
 from vmapi import requests, types
 
 pytestmark = pytest.mark.asyncio
 
 ROUNDS = 60 if LONG else 20
+QUIET = 0.5  # seconds without a controller write after which a converged flow has no write left
 FLOWS = ("create", "stop", "start", "delete", "restart")
 WRITES = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 REPO = Path(__file__).resolve().parents[3]
@@ -53,9 +54,13 @@ class ControllerProcess:
                  "--resync", "2", "--crashloop-base", "0.5", "--request-timeout", "2"],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
-        await wait_for(lambda: (watches(self.server, types.PLURAL) > vms and watches(self.server, "pods") > pods)
-                       or self.proc.poll() is not None, timeout=20, what="the controller's watches")
-        assert self.proc.poll() is None, f"the controller exited: {self.log.read_text()[-3000:]}"
+        try:
+            await wait_for(lambda: (watches(self.server, types.PLURAL) > vms and watches(self.server, "pods") > pods)
+                           or self.proc.poll() is not None, timeout=20, what="the controller's watches")
+            assert self.proc.poll() is None, f"the controller exited: {self.log.read_text()[-3000:]}"
+        except BaseException:  # not up (or the test was interrupted): no controller outlives the test
+            await self.stop()
+            raise
         return self
 
     def kill(self) -> None:
@@ -67,6 +72,7 @@ class ControllerProcess:
             return
         self.kill()
         await asyncio.to_thread(self.proc.wait, 10)
+        self.proc = None
 
 
 class KillSwitch:
@@ -75,10 +81,12 @@ class KillSwitch:
     def __init__(self, controller: ControllerProcess, nth: int, phase: str):
         self.controller, self.nth, self.phase = controller, nth, phase
         self.count, self.fired, self.what = 0, False, None
+        self.last_write = time.monotonic()
 
     def __call__(self, request, phase: str) -> bool:
         if self.fired or request.action not in WRITES or not faults.from_controller(request):
             return False
+        self.last_write = time.monotonic()
         if phase == "before":
             self.count += 1
         if self.count == self.nth and phase == self.phase:
@@ -117,14 +125,22 @@ async def _act(cluster, flow: str, name: str) -> str:
     return RUNNING
 
 
+def _done(server, flow: str, name: str, want: str, uid: str | None, pod_before: str | None) -> bool:
+    """The flow reached its end state (a restart: with a pod other than the one it started with)."""
+    if check(server, name, want, uid) is not None:
+        return False
+    return flow != "restart" or all(p["metadata"].get("uid") != pod_before for p in pods_of(server, name, uid))
+
+
 async def test_controller_sigkilled_mid_flow_converges_after_restart(server, kubeconfig, cluster, tmp_path):
     rng = random.Random(SEED)
     want: dict[str, str] = {}
     uids: dict[str, str] = {}
     log = tmp_path / "controller.log"
-    ctl = await ControllerProcess(server, kubeconfig, log).start()
+    ctl = ControllerProcess(server, kubeconfig, log)  # always the current controller: `finally` stops it
     kills = []
     try:
+        await ctl.start()
         async with AutoKubelet(server, cluster) as kubelet:
             for r in range(ROUNDS):
                 flow, name = FLOWS[r % len(FLOWS)], f"k{r}"
@@ -136,14 +152,19 @@ async def test_controller_sigkilled_mid_flow_converges_after_restart(server, kub
                 switch = KillSwitch(ctl, nth=rng.randint(1, 7), phase=rng.choice(("before", "after")))
                 server.on_request = switch
                 want[name] = await _act(cluster, flow, name)
-                deadline = time.monotonic() + 3
+                # Until the kill, or until the flow is done: converged and no write for QUIET seconds.
+                deadline = time.monotonic() + 3 * TIMEOUT_SCALE
                 while not switch.fired and time.monotonic() < deadline:
+                    if time.monotonic() - switch.last_write > QUIET and _done(server, flow, name, want[name],
+                                                                             uids.get(name), before):
+                        break
                     await asyncio.sleep(0.02)
                 server.on_request = None
                 ctl.kill()  # the flow had fewer writes: killed now, wherever it is
                 await ctl.stop()
                 kills.append(f"{r} {flow}: {switch.what or 'after the flow'}")
-                ctl = await ControllerProcess(server, kubeconfig, log).start()
+                ctl = ControllerProcess(server, kubeconfig, log)
+                await ctl.start()
                 try:
                     await converged(server, want, timeout=20, uids=uids)
                 except AssertionError as e:
@@ -161,4 +182,4 @@ async def test_controller_sigkilled_mid_flow_converges_after_restart(server, kub
     for name, state in want.items():
         if state == GONE:
             assert not pods_of(server, name, uids.get(name)), name
-    assert "Traceback" not in log.read_text().replace("KeyboardInterrupt", ""), log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
