@@ -164,6 +164,8 @@ def _swallow(stream):
         yield from stream
     except grpc.RpcError:
         return
+    except ValueError:  # grpc's "Internal gRPC call error 8": the test closed the channel under the reader
+        return
 
 
 def test_merged_answer_too_big(proxied):
