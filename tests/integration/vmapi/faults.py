@@ -68,6 +68,10 @@ def from_controller(request: Any) -> bool:
     return request.headers.get("User-Agent", "").startswith(CONTROLLER_AGENTS)
 
 
+# Kinds only kopf sends (it posts every event): never a 409, which needs a precondition kopf never sends.
+KOPF_ONLY_KINDS = ("events:create",)
+
+
 def menu(kind: str) -> list[Fault]:
     """The faults that make sense for a request kind."""
     if kind.endswith(":watch"):
@@ -77,7 +81,7 @@ def menu(kind: str) -> list[Fault]:
     faults = [Fault("status", 500), Fault("status", 503), Fault("status", 429, retry_after=1),
               Fault("slow", delay=0.4), Fault("hang"), Fault("reset")]
     if not kind.endswith((":get", ":list")):
-        faults += [Fault("status", 409), Fault("status_after")]
+        faults += ([] if kind in KOPF_ONLY_KINDS else [Fault("status", 409)]) + [Fault("status_after")]
     return faults
 
 
@@ -90,24 +94,39 @@ class Schedule:
         self.mix = mix
         self.active = True
         self.seen: dict[str, int] = {}
+        self.pos: dict[str, int] = {}  # per kind: the planned entries used so far
         self.injected: list[tuple[str, Fault]] = []
+
+    def used_up(self, kinds: Iterable[str]) -> bool:
+        """Every planned entry of these kinds has been served."""
+        return all(self.pos.get(k, 0) >= len(self.per_kind.get(k, ())) for k in kinds)
+
+    def left(self, kinds: Iterable[str]) -> dict[str, list[str]]:
+        return {k: [str(f) for f in self.per_kind.get(k, ())[self.pos.get(k, 0):] if f is not None]
+                for k in kinds if not self.used_up([k])}
 
     def __call__(self, request: Any) -> Fault | None:
         kind = request_kind(request)
         if kind is None or not from_controller(request):
             return None
-        n = self.seen.get(kind, 0)
-        self.seen[kind] = n + 1
+        self.seen[kind] = self.seen.get(kind, 0) + 1
         if not self.active:
             return None
+        # kube-apiserver answers 409 only to writes with a precondition; kopf's merge patches carry none
+        # (and kopf, given one, drops the patch and waits for the next watch event: up to its 70 s
+        # inactivity timeout).
+        from_kopf = request.headers.get("User-Agent", "").startswith("kopf/")
         planned = self.per_kind.get(kind)
-        fault = (planned[n] if n < len(planned) else None) if planned is not None else (
-            self.mix(kind) if self.mix else None)
-        if fault is not None and fault.status == 409 and request.headers.get("User-Agent", "").startswith("kopf/"):
-            # kube-apiserver answers 409 only to writes with a precondition; kopf's merge patches carry none
-            # (and kopf, given one, drops the patch and waits for the next watch event: up to its 70 s
-            # inactivity timeout). A 500 is what kopf's patches do meet.
-            fault = Fault("status", 500)
+        if planned is not None:
+            n = self.pos.get(kind, 0)
+            fault = planned[n] if n < len(planned) else None
+            if fault is not None and fault.status == 409 and from_kopf:
+                return None  # the 409 waits for the controller's own next request of this kind
+            self.pos[kind] = n + 1
+        else:
+            fault = self.mix(kind) if self.mix else None
+            if fault is not None and fault.status == 409 and from_kopf:
+                fault = Fault("status", 500)  # what kopf's patches do meet
         if fault is not None:
             self.injected.append((kind, fault))
         return fault
