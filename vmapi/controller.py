@@ -36,7 +36,8 @@ from vmapi.client import Conflict, Kube, connection_info
 T = TypeVar("T")
 FINALIZER = "vmlet.dev/vm-controller"
 LOCK_POLL = 0.05  # seconds between looks at a busy VM lock
-ERROR_BACKOFF = (0.5, 1, 2, 5, 10, 30, reconcile.MAX_RETRY_AFTER)
+log = logging.getLogger("vmlet.vmapi")
+ERROR_BACKOFF = reconcile.Options.error_backoff
 
 
 @dataclasses.dataclass
@@ -110,13 +111,13 @@ def _ctx(memo: Any) -> Context:
 API_ERRORS = (ApiException, Conflict, urllib3.exceptions.HTTPError, OSError)
 
 
-def backoff(failures: int) -> float:
-    return ERROR_BACKOFF[min(max(failures, 1), len(ERROR_BACKOFF)) - 1]
+def backoff(failures: int, schedule: tuple[float, ...] = ERROR_BACKOFF) -> float:
+    return schedule[min(max(failures, 1), len(schedule)) - 1]
 
 
-def retry_delay(failures: int, retry_after: float | None) -> float:
+def retry_delay(failures: int, retry_after: float | None, schedule: tuple[float, ...] = ERROR_BACKOFF) -> float:
     """Our back-off, or the server's Retry-After when longer — which never exceeds our longest."""
-    return max(backoff(failures), reconcile.clamp_retry_after(retry_after) or 0)
+    return max(backoff(failures, schedule), reconcile.clamp_retry_after(retry_after) or 0)
 
 
 @kopf.on.login()
@@ -149,8 +150,18 @@ async def vm_event(namespace: str, name: str, memo: Any, **_: Any) -> None:
 
 
 @kopf.on.event("v1", "pods", labels={podspec.LABEL_VM: kopf.PRESENT})
-async def pod_event(namespace: str, labels: dict[str, str], memo: Any, **_: Any) -> None:
-    _wake(memo, namespace, labels.get(podspec.LABEL_VM))
+async def pod_event(namespace: str, labels: dict[str, str], memo: Any, type: str | None = None,
+                    **_: Any) -> None:
+    ctx, vm_name = _ctx(memo), labels.get(podspec.LABEL_VM)
+    if (namespace or "", vm_name or "") in ctx.wakeups:
+        _wake(memo, namespace, vm_name)
+    elif vm_name and type != "DELETED":
+        # No worker: the VM may be gone (deleted before its finalizer was added). Its pod goes too.
+        try:
+            if await ctx.locked((namespace, vm_name), reconcile.delete_orphan_pod, ctx.kube, namespace, vm_name):
+                log.info("deleted the pod of VM %s/%s, which no longer exists", namespace, vm_name)
+        except API_ERRORS as e:  # the next event of the pod tries again
+            log.warning("cannot check the pod of VM %s/%s for its owner: %s", namespace, vm_name, reconcile.short(e))
 
 
 @kopf.daemon(types.GROUP, types.VERSION, types.PLURAL, cancellation_timeout=2.0)
@@ -172,17 +183,17 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
                         kopf.event(res.vm, type=type_, reason=reason, message=message)
                 failures = failures + 1 if res.error else 0
                 if res.error:
-                    delay = retry_delay(failures, res.retry_after)
+                    delay = retry_delay(failures, res.retry_after, ctx.opts.error_backoff)
                     logger.warning("reconcile: %s (retry in %ss)", res.error, delay)
                 elif res.requeue_after is not None:
                     delay = min(delay, res.requeue_after)
             except API_ERRORS as e:  # API unreachable, 5xx, 429, a timeout: retry later, never die
                 failures += 1
-                delay = retry_delay(failures, reconcile.retry_after(e))
+                delay = retry_delay(failures, reconcile.retry_after(e), ctx.opts.error_backoff)
                 logger.warning("reconcile failed (retry in %ss): %s", delay, e)
             except Exception:  # a bug: say so loudly, keep serving the other VMs, retry slowly
                 failures += 1
-                delay = backoff(len(ERROR_BACKOFF))
+                delay = backoff(len(ctx.opts.error_backoff), ctx.opts.error_backoff)
                 logger.error("reconcile crashed (retry in %ss)", delay, exc_info=True)
             try:
                 await asyncio.wait_for(wake.wait(), timeout=delay)
@@ -200,8 +211,8 @@ async def vm_deleted(body: kopf.Body, memo: Any, retry: int, namespace: str, nam
         done = await ctx.locked((namespace, name), reconcile.finalize, ctx.kube, dict(body))
     except API_ERRORS as e:
         # Not kopf's default for an exception (retry in 60 s): the API's own back-off, or ours.
-        raise kopf.TemporaryError(f"deleting the VM pod: {reconcile.short(e)}",
-                                  delay=retry_delay(retry + 1, reconcile.retry_after(e))) from None
+        delay = retry_delay(retry + 1, reconcile.retry_after(e), ctx.opts.error_backoff)
+        raise kopf.TemporaryError(f"deleting the VM pod: {reconcile.short(e)}", delay=delay) from None
     if not done:
         raise kopf.TemporaryError("waiting for the VM pod to terminate", delay=2)
     ctx.locks.pop((namespace, name), None)

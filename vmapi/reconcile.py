@@ -35,6 +35,8 @@ class Options:
     backoff_cap: float = strategy.BACKOFF_CAP
     request_timeout: float = 30.0  # per API request (connect, then read), the controller's and kopf's
     workers: int = 32  # threads for passes and finalizations (VMs reconciled at once)
+    # Seconds to wait after the 1st, 2nd, ... failed API call in a row (the last one repeats).
+    error_backoff: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30, 60.0)  # the last is MAX_RETRY_AFTER
 
 
 @dataclasses.dataclass
@@ -58,6 +60,7 @@ def _pod_view(vm: dict[str, Any], pod: dict[str, Any] | None) -> strategy.PodVie
 def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: float) -> Result:
     vm = kube.get_vm(namespace, name)
     if vm is None:
+        delete_orphan_pod(kube, namespace, name)
         return Result(vm=None)
     meta = vm.get("metadata") or {}
     if meta.get("deletionTimestamp"):
@@ -185,6 +188,25 @@ def clamp_retry_after(value: float | None) -> float | None:
     if value is None or not math.isfinite(value) or value < 0:
         return None
     return min(value, MAX_RETRY_AFTER)
+
+
+def delete_orphan_pod(kube: Kube, namespace: str, vm_name: str) -> bool:
+    """Delete the VM pod of `vm_name` if the VM that owns it is gone; True if one was deleted.
+
+    What an API server's garbage collector does for a pod whose owner is gone, done at once: a VM deleted
+    before kopf could add its finalizer (that patch failed), or a create the server applied after its
+    client gave up, leave a pod that no finalizer will ever see."""
+    pod = kube.get_pod(namespace, podspec.pod_name(vm_name))
+    if pod is None or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    refs = [r for r in (pod.get("metadata") or {}).get("ownerReferences") or []
+            if isinstance(r, dict) and r.get("kind") == types.KIND and r.get("controller")]
+    if not refs:
+        return False  # not a VM's pod: not ours to delete
+    vm = kube.get_vm(namespace, vm_name)
+    if vm is not None and podspec.is_owned_by(pod, vm):
+        return False
+    return kube.delete_pod(namespace, pod["metadata"]["name"], pod["metadata"].get("uid"))
 
 
 def finalize(kube: Kube, vm: dict[str, Any]) -> bool:

@@ -36,7 +36,8 @@ from vmapi.client import MERGE, Kube, load_api_client
 
 VM_RESOURCE = f"{types.GROUP}/{types.VERSION}/{types.PLURAL}"
 NS = "default"
-FAST = reconcile.Options(resync_seconds=2.0, backoff_base=0.5, backoff_cap=2.0, request_timeout=2.0)
+FAST = reconcile.Options(resync_seconds=2.0, backoff_base=0.5, backoff_cap=2.0, request_timeout=2.0,
+                         error_backoff=(0.2, 0.5, 1, 2))
 
 
 class _InFlight(list):
