@@ -97,16 +97,21 @@ class Pools:
     images: list[str] = field(default_factory=list)
 
     def ids(self, kinds: list[str]) -> st.SearchStrategy[str]:
+        # The strategy's shape must not depend on the live IDs (which change between examples), or hypothesis
+        # replays an example differently ("Inconsistent data generation"): pick from the pools by index.
         real = sorted({i for kind in kinds for i in getattr(self, kind)})
-        choices = [hostile_strings(), hex_ids(), st.just("0" * 64)]
-        if real:
-            chosen = st.sampled_from(real)
-            choices += [chosen, chosen, chosen.flatmap(lambda i: st.integers(1, len(i)).map(lambda n: i[:n])),
-                        chosen.map(lambda i: i + "0"), chosen.map(str.upper), chosen.map(lambda i: i[:8] + "x")]
-            ambiguous = ambiguous_prefixes(real)
-            if ambiguous:
-                choices.append(st.sampled_from(ambiguous))
-        return st.one_of(choices)
+        chosen = _pick(real)
+        return st.one_of([
+            hostile_strings(), hex_ids(), st.just("0" * 64), chosen, chosen,
+            st.tuples(chosen, st.integers(1, 64)).map(lambda t: t[0][:t[1]]),
+            chosen.map(lambda i: i + "0"), chosen.map(str.upper), chosen.map(lambda i: i[:8] + "x"),
+            _pick(ambiguous_prefixes(real)),
+        ])
+
+
+def _pick(pool: list[str]) -> st.SearchStrategy[str]:
+    """One of `pool` (a random ID when it is empty), drawn the same way whatever the pool holds."""
+    return st.tuples(st.integers(0, 255), hex_ids()).map(lambda t: pool[t[0] % len(pool)] if pool else t[1])
 
 
 def ambiguous_prefixes(ids: list[str]) -> list[str]:
