@@ -73,8 +73,7 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
             else:
                 log.exception("sandbox %s: repairing its network failed; marking it not ready", sb.id[:12])
             # NOTREADY makes the kubelet stop and recreate the pod, which tears down what is left.
-            with rt.store_lock():
-                rt.store.update_sandbox(dataclasses.replace(sb, state=api_pb2.SANDBOX_NOTREADY))
+            rt.mark_sandbox_not_ready(sb.id)
             report["network_lost"].append(sb.id)
 
     if rt.config.vms_dir.is_dir():

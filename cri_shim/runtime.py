@@ -222,6 +222,16 @@ class Runtime:
         self.events.container_event(self, c.id, api_pb2.CONTAINER_STOPPED_EVENT)
         return c
 
+    def mark_sandbox_not_ready(self, sandbox_id: str) -> bool:
+        """Record the sandbox NOTREADY (the kubelet then stops and recreates the pod); False if it already was
+        or is gone."""
+        with self.store_lock():
+            sb = self.store.sandboxes.get(sandbox_id)
+            if sb is None or sb.state == api_pb2.SANDBOX_NOTREADY:
+                return False
+            self.store.update_sandbox(dataclasses.replace(sb, state=api_pb2.SANDBOX_NOTREADY))
+            return True
+
     def store_lock(self) -> threading.RLock:
         """Held across read-modify-write of records (the store's own lock, re-entrant)."""
         return self.store.lock

@@ -11,7 +11,6 @@ pod still wants a DHCP server at all.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import socket
@@ -63,10 +62,7 @@ class _DHCPRepair:
         except NetworkLost as e:
             # Nothing vmlet may re-create (eth0, CNI's result, the netns): the kubelet must recreate the pod.
             log.warning("sandbox %s lost its network: %s; marking it not ready", sandbox_id[:12], e)
-            with rt.store_lock():
-                sb = rt.store.sandboxes.get(sandbox_id)
-                if sb is not None and sb.state == api_pb2.SANDBOX_READY:
-                    rt.store.update_sandbox(dataclasses.replace(sb, state=api_pb2.SANDBOX_NOTREADY))
+            rt.mark_sandbox_not_ready(sandbox_id)
         except (NetworkError, OSError, ValueError) as e:
             log.warning("sandbox %s: cannot repair its network: %s", sandbox_id[:12], e)
         except Exception:  # noqa: BLE001 - a worker thread: log the bug, Status goes on

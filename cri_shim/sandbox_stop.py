@@ -8,7 +8,6 @@ are idempotent; removing an unknown sandbox succeeds, as the CRI asks.
 
 from __future__ import annotations
 
-import dataclasses
 
 from proto.runtime.v1 import api_pb2
 
@@ -30,12 +29,8 @@ def stop_pod_sandbox(rt: Runtime, req: api_pb2.StopPodSandboxRequest) -> api_pb2
         except NetworkError as e:
             raise errors.failed_precondition(f"pod network teardown failed (will be retried): {e}") from None
         crashpoint("sandbox-stop.after-network")
-        with rt.store_lock():
-            current = rt.store.sandboxes.get(sb.id)
-            if current is None or current.state == api_pb2.SANDBOX_NOTREADY:
-                return api_pb2.StopPodSandboxResponse()
-            rt.store.update_sandbox(dataclasses.replace(current, state=api_pb2.SANDBOX_NOTREADY))
-        rt.events.container_event(rt, sb.id, api_pb2.CONTAINER_STOPPED_EVENT)
+        if rt.mark_sandbox_not_ready(sb.id):
+            rt.events.container_event(rt, sb.id, api_pb2.CONTAINER_STOPPED_EVENT)
     return api_pb2.StopPodSandboxResponse()
 
 

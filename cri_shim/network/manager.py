@@ -52,6 +52,7 @@ PHASE_SETTING_UP = "setting-up"
 PHASE_READY = "ready"
 PHASE_TEARING_DOWN = "tearing-down"
 PHASE_STOPPED = "stopped"
+TORN_DOWN = (PHASE_TEARING_DOWN, PHASE_STOPPED)  # teardown began (and maybe finished)
 
 
 class NetworkManager:
@@ -257,7 +258,7 @@ class NetworkManager:
 
     def teardown_interrupted(self, sandbox_id: str) -> bool:
         """Teardown began and never finished, or finished without the sandbox learning of it (a crash)."""
-        return self.phase(sandbox_id) in (PHASE_TEARING_DOWN, PHASE_STOPPED)
+        return self.phase(sandbox_id) in TORN_DOWN
 
     def stop_dhcp(self, sandbox_id: str) -> None:
         """Stop the pod's dnsmasq (the first step of teardown), nothing else."""
@@ -273,7 +274,7 @@ class NetworkManager:
         with self._lock(sid):
             pn = network if isinstance(network, PodNetwork) else self.get(sid)
             rec = self._read_record(sid) or {}
-            if rec.get("phase") in (PHASE_TEARING_DOWN, PHASE_STOPPED) or (pn and pn.state == PHASE_STOPPED):
+            if rec.get("phase") in TORN_DOWN or (pn and pn.state == PHASE_STOPPED):
                 return []  # nothing to repair in a network being (or already) torn down
             if pn is None:
                 raise NetworkLost(f"the network record of sandbox {sid[:12]} is missing or unreadable")
