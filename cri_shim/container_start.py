@@ -36,11 +36,13 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
         except libvirt.libvirtError as e:
             # libvirtd restarting under the call: the domain may have booted before the answer was lost.
             # The kubelet never repeats a StartContainer (it creates a new container), so settle it here.
-            if not (errors.libvirt_unreachable(e) and _start_after_reconnect(rt, c.domain_name)):
+            unreachable = errors.libvirt_unreachable(e)
+            if not (unreachable and _start_after_reconnect(rt, c.domain_name)):
                 _start_failed(rt, c.id, files, e)
-                raise (errors.unavailable(f"cannot start the VM of container {c.id}: libvirtd is not reachable: {e}")
-                       if errors.libvirt_unreachable(e) else
-                       errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}")) from None
+                if unreachable:
+                    raise errors.unavailable(f"cannot start the VM of container {c.id}: libvirtd is not reachable: "
+                                             f"{e}") from None
+                raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
         except (LookupError, OSError, pod_volumes.VolumeMountError) as e:
             _start_failed(rt, c.id, files, e)
             raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None

@@ -134,12 +134,11 @@ def request_stop(rt: Runtime, c: ContainerRecord, timeout: float) -> VMStop | No
     return stop
 
 
-def stop_vm(rt: Runtime, c: ContainerRecord, timeout: float) -> ContainerRecord:
+def stop_vm(rt: Runtime, c: ContainerRecord, timeout: float) -> None:
     """Stop the container's VM within `timeout` seconds and wait for it; the container's lock is held."""
     stop = request_stop(rt, c, timeout)
     if stop is not None:
         stop.wait()
-    return rt.store.containers.get(c.id, c)
 
 
 def remove_vm(rt: Runtime, c: ContainerRecord) -> None:
