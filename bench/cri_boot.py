@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cli import BenchArgs, exit_status, print_ratio  # noqa: E402
-from cri_shim import pod_volumes  # noqa: E402
+from cri_shim.storage import pod_volumes  # noqa: E402
 from cri_shim.network import NetworkManager, netns  # noqa: E402
 from cri_shim.network.names import netns_name  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402

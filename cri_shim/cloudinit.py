@@ -59,7 +59,7 @@ environment file
 mounts
     `Mount` is a host directory shared into the VM over virtio-fs (virtlet's
     "fs-based" volumes, which virtlet shared over virtio-9p; see
-    cri_shim/pod_volumes.py): `mounts:` gets `[tag, path, virtiofs,
+    cri_shim/storage/pod_volumes.py): `mounts:` gets `[tag, path, virtiofs,
     defaults|ro,nofail, 0, 0]` and the mount script a line `if ! grep -qs
     '^TAG ' /proc/mounts; then mkdir -p PATH && mount -t virtiofs -o OPTS TAG
     PATH; fi` (OPTS without `nofail`, which only fstab knows; no `mountpoint`,

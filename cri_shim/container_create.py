@@ -19,13 +19,14 @@ import libvirt
 from image_service.errors import ImageError
 from proto.runtime.v1 import api_pb2
 
-from . import cloudinit, errors, host_caps, pod_volumes, validation
+from . import cloudinit, errors, host_caps, validation
+from .storage import pod_volumes
 from .annotations import CPU_MODEL, LIBVIRT_CPU_SETTING, AnnotationError, VMAnnotations
 from .crashpoints import crashpoint
 from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, UnsafeText, build_domain_xml
 from .runtime import Runtime, new_id, now_ns
 from .state import ContainerRecord, NameConflict
-from .volumes import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
+from .storage.vm_files import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
 
 log = logging.getLogger("vmlet.cri")
 

@@ -9,10 +9,11 @@ import libvirt
 
 from proto.runtime.v1 import api_pb2
 
-from . import errors, pod_volumes
+from . import errors
+from .storage import pod_volumes
 from .crashpoints import crashpoint
 from .runtime import Runtime, now_ns
-from .volumes import vm_files
+from .storage.vm_files import vm_files
 
 START_ERROR_EXIT = 128  # containerd's exit code for a container that failed to start
 RECONNECT_WAIT = 15.0  # seconds StartContainer waits for a restarting libvirtd

@@ -6,11 +6,11 @@ import json
 
 from proto.runtime.v1 import api_pb2
 
-from . import pod_volumes
+from .storage import pod_volumes
 from .filters import container_matches
 from .runtime import Runtime
 from .state import ContainerRecord
-from .volumes import vm_files
+from .storage.vm_files import vm_files
 
 
 def _resources(cfg: api_pb2.ContainerConfig) -> api_pb2.ContainerResources:

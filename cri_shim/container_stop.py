@@ -29,11 +29,12 @@ from typing import Callable
 
 from proto.runtime.v1 import api_pb2
 
-from . import pod_volumes, stats
+from . import stats
+from .storage import pod_volumes
 from .crashpoints import crashpoint
 from .runtime import Runtime
 from .state import ContainerRecord
-from .volumes import remove_vm_files, vm_files
+from .storage.vm_files import remove_vm_files, vm_files
 
 log = logging.getLogger("vmlet.cri")
 

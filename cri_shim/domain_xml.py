@@ -66,7 +66,7 @@ class SharedDir:
 
     libvirt starts one virtiofsd per share. virtiofsd cannot refuse writes
     itself, so a read-only share's `source` must already be read-only on the
-    host (vmlet shares a read-only bind mount; see cri_shim/pod_volumes.py).
+    host (vmlet shares a read-only bind mount; see cri_shim/storage/pod_volumes.py).
     """
 
     source: str

@@ -28,11 +28,11 @@ import logging
 from proto.runtime.v1 import api_pb2
 
 from .network import NetworkError, NetworkLost
-from . import pod_volumes
-from .pod_volumes import VolumeMountError
+from .storage import pod_volumes
+from .storage.pod_volumes import VolumeMountError
 from .runtime import Runtime, now_ns
 from .state import ContainerRecord
-from .volumes import VMFiles, remove_vm_files
+from .storage.vm_files import VMFiles, remove_vm_files
 
 log = logging.getLogger("vmlet.recovery")
 

@@ -21,14 +21,15 @@ import libvirt
 from image_service.store import Store as ImageStore
 from proto.runtime.v1 import api_pb2
 
-from . import errors, pod_volumes
+from . import errors
+from .storage import pod_volumes
 from .config import Config
 from .console_log import ConsoleCopier
 from .events import EventHub
 from .libvirt_host import LibvirtHost
 from .network import NetworkManager
 from .state import ContainerRecord, SandboxRecord, Store, resolve_id
-from .volumes import vm_files
+from .storage.vm_files import vm_files
 
 log = logging.getLogger("vmlet.runtime")
 

@@ -25,7 +25,7 @@ from .errors import DecodeErrors
 from .libvirt_host import LibvirtHost
 from .runtime import Runtime
 from .service import RuntimeService
-from .volumes import ensure_traversable
+from .storage.vm_files import ensure_traversable
 
 log = logging.getLogger("vmlet")
 

@@ -20,7 +20,7 @@ from proto.runtime.v1 import api_pb2
 from .filters import container_matches, sandbox_matches
 from .runtime import Runtime
 from .state import ContainerRecord, SandboxRecord
-from .volumes import allocated_bytes, vm_files
+from .storage.vm_files import allocated_bytes, vm_files
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_shim import pod_volumes
+from cri_shim.storage import pod_volumes
 from cri_shim.network import netns
 from cri_shim.network.names import host_bridge, host_veth, netns_name
 from proto.runtime.v1 import api_pb2

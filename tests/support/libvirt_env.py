@@ -150,7 +150,7 @@ def release_work_dir(d: Path) -> None:
 
     Pod netns and host links are named after random sandbox IDs and dnsmasq's pidfile lies under the state
     dir: once the directory is gone nothing can tell them from another run's, so they go first."""
-    from cri_shim import pod_volumes
+    from cri_shim.storage import pod_volumes
     from cri_shim.network import NetworkManager
 
     prefix = f"{d}/".encode()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cri_shim import pod_volumes
+from cri_shim.storage import pod_volumes
 from proto.runtime.v1 import api_pb2
 
 

@@ -83,7 +83,7 @@ def test_sample_vm_is_valid_and_renders():
 
 
 def test_node_containers_see_pod_volumes_and_each_others_shares():
-    """Pod volumes go to VMs over virtio-fs (cri_shim/pod_volumes.py): vmlet resolves the kubelet's host
+    """Pod volumes go to VMs over virtio-fs (cri_shim/storage/pod_volumes.py): vmlet resolves the kubelet's host
     paths and bind-mounts read-only shares under its state dir; libvirtd's virtiofsd serves both. So both
     containers see /var/lib/kubelet with the volumes mounted after they started, and vmlet's mounts under
     /var/lib/vmlet propagate out to the host and from there into libvirtd, at the same paths."""

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from proto.runtime.v1 import api_pb2
-from cri_shim import pod_volumes
+from cri_shim.storage import pod_volumes
 from cri_shim.network import NetworkManager
 from tests.support import cri, libvirt_env, netsupport
 

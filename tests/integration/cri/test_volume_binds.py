@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from cri_shim import pod_volumes
+from cri_shim.storage import pod_volumes
 from cri_shim.cloudinit import Mount
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_shim import pod_volumes
+from cri_shim.storage import pod_volumes
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
 

@@ -27,7 +27,7 @@ import pytest
 from google.protobuf import text_format
 from hypothesis import HealthCheck, Phase, settings
 
-from cri_shim import pod_volumes
+from cri_shim.storage import pod_volumes
 from cri_shim.network import NetworkManager
 from proto.runtime.v1 import api_pb2
 from tests.support import cri, libvirt_env, netsupport

@@ -35,7 +35,7 @@ from typing import Sequence
 
 from proto.runtime.v1 import api_pb2
 
-from .cloudinit import CloudInitError, Mount
+from ..cloudinit import CloudInitError, Mount
 
 log = logging.getLogger("vmlet.cri")
 
