@@ -60,6 +60,9 @@ it says so here:
 * `VirtletSystemUUID`: a UUID, normalised to lower-case canonical form.
 * `vmlet.dev/network-binding`: vmlet's own, `bridge` (default) or
   `masquerade`.
+* `vmlet.dev/disks`: vmlet's own, a YAML list of the pod volumes the VM gets as
+  disks (cri_shim/storage/disk_spec.py, docs/storage.md); `vmlet.dev/root-reimage`
+  (true/false) allows rewriting a persistent root that holds another image.
 * `kubernetes.io/target-runtime`: read as-is (the CRI proxy routes on it).
 * `VirtletConfigMapAsFiles` (virtlet's older name for files injection) is not
   supported; unknown annotations are ignored.
@@ -75,6 +78,8 @@ from typing import Any, Callable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cri_shim.storage import disk_spec
 
 # --- names -------------------------------------------------------------------
 
@@ -99,6 +104,8 @@ CHOWN_9PFS_MOUNTS = "VirtletChown9pfsMounts"
 FORCE_DHCP_NETWORK_CONFIG = "VirtletForceDHCPNetworkConfig"
 SYSTEM_UUID = "VirtletSystemUUID"
 NETWORK_BINDING = "vmlet.dev/network-binding"
+DISKS = disk_spec.DISKS
+ROOT_REIMAGE = disk_spec.ROOT_REIMAGE
 
 MOUNT_SCRIPT_PLACEHOLDER = "@virtlet-mount-script@"
 
@@ -221,6 +228,13 @@ class VMAnnotations(_Frozen):
     force_dhcp_network_config: bool = False
     system_uuid: str | None = None
     network_binding: Literal["bridge", "masquerade"] = "bridge"
+    disks: tuple[disk_spec.DiskSpec, ...] = ()
+    root_reimage: bool = False
+
+    @property
+    def root_disk(self) -> disk_spec.DiskSpec | None:
+        """The persistent root (`vmlet.dev/disks` entry with root: true); None: the ephemeral overlay."""
+        return next((d for d in self.disks if d.root), None)
 
     @property
     def cpu_mode(self) -> Literal["host-model", "host-passthrough", "custom"] | None:
@@ -361,8 +375,8 @@ def check_json_like(value: Any) -> None:
         raise ValueError("nested too deeply") from None
 
 
-def load_yaml_mapping(text: str) -> dict[str, Any]:
-    """Parse untrusted YAML/JSON into a JSON-like mapping; ValueError with a short reason."""
+def load_yaml(text: str) -> Any:
+    """Parse untrusted YAML/JSON into JSON-like data (any shape); ValueError with a short reason."""
     loader = None
     try:
         _precheck_events(text)
@@ -378,14 +392,20 @@ def load_yaml_mapping(text: str) -> dict[str, Any]:
     finally:
         if loader is not None:
             loader.dispose()
-    if not isinstance(data, dict):
-        kind = {type(None): "empty", list: "a list", str: "a string", bool: "true/false", int: "a number",
-                float: "a number"}.get(type(data), type(data).__name__)
-        raise ValueError(f"must be a YAML mapping (key: value), not {kind}")
     try:
         _check_json_like(data, "")
     except _YAMLRejected as e:
         raise ValueError(str(e)) from None
+    return data
+
+
+def load_yaml_mapping(text: str) -> dict[str, Any]:
+    """Parse untrusted YAML/JSON into a JSON-like mapping; ValueError with a short reason."""
+    data = load_yaml(text)
+    if not isinstance(data, dict):
+        kind = {type(None): "empty", list: "a list", str: "a string", bool: "true/false", int: "a number",
+                float: "a number"}.get(type(data), type(data).__name__)
+        raise ValueError(f"must be a YAML mapping (key: value), not {kind}")
     return data
 
 
@@ -629,6 +649,21 @@ def _parse_libvirt_cpu_setting(name: str, raw: str) -> LibvirtCPUSetting | None:
         raise AnnotationError(name, str(e)) from None
 
 
+def _parse_disks(name: str, raw: str) -> tuple[disk_spec.DiskSpec, ...] | None:
+    text = _text(name, raw, disk_spec.MAX_DISKS_CHARS, multiline=True)
+    if not text.strip():
+        return None
+    try:
+        data = load_yaml(text)
+    except ValueError as e:
+        raise AnnotationError(name, str(e)) from None
+    try:
+        return disk_spec.parse_entries(data, parse_quantity, MAX_ROOT_VOLUME_SIZE) or None
+    except disk_spec.DiskSpecError as e:
+        where, _, message = str(e).partition(": ")
+        raise AnnotationError(name + where, message) from None
+
+
 # --- the table -----------------------------------------------------------------
 
 _Parser = Callable[[str, str], Any]
@@ -658,4 +693,6 @@ ANNOTATIONS: dict[str, tuple[str, _Parser]] = {
     FORCE_DHCP_NETWORK_CONFIG: ("force_dhcp_network_config", _parse_bool),
     SYSTEM_UUID: ("system_uuid", _parse_system_uuid),
     NETWORK_BINDING: ("network_binding", lambda n, r: _enum(n, r, ("bridge", "masquerade"))),
+    DISKS: ("disks", _parse_disks),
+    ROOT_REIMAGE: ("root_reimage", _parse_bool),
 }
