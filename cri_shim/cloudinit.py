@@ -65,9 +65,14 @@ mounts
     PATH; fi` (OPTS without `nofail`, which only fstab knows; no `mountpoint`,
     which many guests lack, e.g. Debian's busybox). The tag is `Mount.tag`,
     which the domain's `<filesystem>` must use. Not done: file mounts,
-    block devices (flexvolume/PV) with their by-path mounts and symlink
-    script, `VirtletChown9pfsMounts` (9p only: virtio-fs passes the host's
+    `VirtletChown9pfsMounts` (9p only: virtio-fs passes the host's
     ownership through).
+device links
+    `DeviceLink` is a disk from a block volume (cri_shim/storage/disks.py):
+    the mount script links its CRI container path to the guest's device,
+    found by serial through sysfs (virtio-blk `serial`, SCSI VPD page 0x80),
+    so it needs no udev; cloud-config user data also runs it as `bootcmd`
+    (devtmpfs forgets the links at every boot).
 network-config
     passed through as given (NoCloud: network-config v1/v2; ConfigDrive:
     network_data.json), None: no file.
@@ -249,6 +254,42 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class DeviceLink:
+    """A block-volume disk the guest gets a link to at `container_path` (virtlet's behaviour)."""
+
+    container_path: str
+    serial: str
+
+    def __post_init__(self) -> None:
+        cpath = self.container_path
+        if (not isinstance(cpath, str) or not cpath.startswith("/") or cpath == "/" or len(cpath) > 4096
+                or posixpath.normpath(cpath) != cpath or _CONTROL_RE.search(cpath) or any(c.isspace() for c in cpath)):
+            raise CloudInitError(f"device container path {cpath!r} must be a normalised absolute path other than / "
+                                 "without whitespace or control characters")
+        if not isinstance(self.serial, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]{1,20}", self.serial):
+            raise CloudInitError(f"disk serial {self.serial!r} must be 1 to 20 of A-Za-z0-9_.+-")
+
+
+# The guest's device with serial $1: virtio-blk has it in sysfs, SCSI disks in VPD page 0x80 (after 4 header bytes).
+_FIND_BY_SERIAL = (
+    'vmlet_disk() { for d in /sys/block/*; do s=$(cat "$d/serial" 2>/dev/null) || '
+    's=$(tail -c +5 "$d/device/vpd_pg80" 2>/dev/null | tr -d "\\000 "); '
+    '[ "$s" = "$1" ] && { echo "/dev/${d##*/}"; return 0; }; done; return 1; }')
+
+
+def device_link_script(links: Sequence[DeviceLink]) -> str:
+    """Shell lines linking each device disk at its container path; empty without links."""
+    if not links:
+        return ""
+    lines = [_FIND_BY_SERIAL]
+    for link in links:
+        path = shlex.quote(link.container_path)
+        lines.append(f"if dev=$(vmlet_disk {shlex.quote(link.serial)}); then mkdir -p "
+                     f"{shlex.quote(posixpath.dirname(link.container_path))} && ln -sfn \"$dev\" {path}; fi")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
 class CloudInitData:
     """What goes on the cloud-init disk; `build_iso_for` writes it."""
 
@@ -292,11 +333,14 @@ def env_file_content(env: Mapping[str, str]) -> str:
     return "".join(lines)
 
 
-def mount_script(mounts: Sequence[Mount]) -> str:
-    """A /bin/sh script mounting the virtio-fs shares (idempotent); empty without mounts."""
-    if not mounts:
+def mount_script(mounts: Sequence[Mount], device_links: Sequence[DeviceLink] = ()) -> str:
+    """A /bin/sh script mounting the virtio-fs shares and linking the device disks (idempotent);
+    empty without either."""
+    if not mounts and not device_links:
         return ""
     lines = ["#!/bin/sh"]
+    if device_links:
+        lines.append(device_link_script(device_links).rstrip("\n"))
     for m in mounts:
         path = shlex.quote(m.container_path)
         # "Already mounted?" is asked of /proc/mounts (grep is in every guest, `mountpoint` is not)
@@ -342,6 +386,7 @@ def compose(
     hostname: str,
     env: Mapping[str, str] | None = None,
     mounts: Sequence[Mount] = (),
+    device_links: Sequence[DeviceLink] = (),
     network_config: Mapping[str, Any] | None = None,
     image_type: ImageType | None = None,
     source_ssh_keys: Sequence[str] = (),
@@ -397,7 +442,7 @@ def compose(
             meta["public_keys"] = list(meta["public-keys"])
 
     net = copy.deepcopy(dict(network_config)) if network_config is not None else None
-    script = mount_script(mounts)
+    script = mount_script(mounts, device_links)
 
     # user-data: a script replaces everything
     user_script = source_user_data_script if source_user_data_script is not None else vm.cloud_init_user_data_script
@@ -408,9 +453,12 @@ def compose(
     if keys:
         generated["ssh_authorized_keys"] = list(keys)
     write_files: list[dict[str, Any]] = []
+    if device_links:
+        generated["bootcmd"] = [["sh", "-c", device_link_script(device_links)]]
     if mounts:
         generated["mounts"] = [[m.tag, m.container_path, "virtiofs", m.options + ",nofail", "0", "0"]
                                for m in mounts]
+    if script:
         write_files.append({"path": MOUNT_SCRIPT_FILE, "content": script, "permissions": "0755"})
     if env:
         write_files.append({"path": ENV_FILE, "content": env_file_content(env), "permissions": "0644"})
