@@ -5,8 +5,9 @@ Two formats, as virtlet's `VirtletCloudInitImageType` offers:
 - ConfigDrive (OpenStack): volume label `config-2`, files under `openstack/latest/`.
 
 Pure: no file system access; the caller writes the bytes where libvirt can
-read them. The ISO carries Rock Ridge and Joliet names so guests see the
-lower-case, hyphenated file names cloud-init expects.
+read them. The ISO (cri_shim/storage/iso9660.py) carries Rock Ridge and Joliet
+names so guests see the lower-case, hyphenated file names cloud-init expects,
+and fixed timestamps: the same data gives the same bytes.
 
 `compose` builds the data for one VM pod from its validated annotations
 (`cri_shim.annotations.VMAnnotations`) and the pod's facts; `build_iso_for`
@@ -82,7 +83,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import posixpath
 import re
@@ -90,50 +90,12 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-import pycdlib
 import yaml
 
 from cri_shim.annotations import MOUNT_SCRIPT_PLACEHOLDER, VMAnnotations, check_json_like, parse_ssh_keys
+from cri_shim.storage.iso9660 import IsoBuilder
 
 ImageType = Literal["nocloud", "configdrive"]
-
-
-class _IsoBuilder:
-    def __init__(self, volume_label: str) -> None:
-        self._iso = pycdlib.PyCdlib()
-        self._iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=volume_label)
-        self._dir_paths: dict[str, str] = {}  # real path -> ISO9660 path
-        self._count = 0
-
-    def _iso_name(self, name: str, is_dir: bool) -> str:
-        # ISO9660 level-3 names must be upper-case d-characters; the real
-        # names live in the Rock Ridge and Joliet records. A counter keeps
-        # the short names unique however the real names collide when mangled.
-        self._count += 1
-        return f"F{self._count:07d}" if is_dir else f"F{self._count:07d}.;1"
-
-    def _ensure_dir(self, parts: list[str]) -> str:
-        iso_path = ""
-        for depth in range(1, len(parts) + 1):
-            real = "/" + "/".join(parts[:depth])
-            if real not in self._dir_paths:
-                child = f"{iso_path}/{self._iso_name(parts[depth - 1], True)}"
-                self._iso.add_directory(child, rr_name=parts[depth - 1], joliet_path=real)
-                self._dir_paths[real] = child
-            iso_path = self._dir_paths[real]
-        return iso_path
-
-    def add_file(self, path: str, data: bytes) -> None:
-        parts = [p for p in path.split("/") if p]
-        parent = self._ensure_dir(parts[:-1]) if len(parts) > 1 else ""
-        iso_path = f"{parent}/{self._iso_name(parts[-1], False)}"
-        self._iso.add_fp(io.BytesIO(data), len(data), iso_path, rr_name=parts[-1], joliet_path="/" + "/".join(parts))
-
-    def to_bytes(self) -> bytes:
-        out = io.BytesIO()
-        self._iso.write_fp(out)
-        self._iso.close()
-        return out.getvalue()
 
 
 class _Dumper(yaml.SafeDumper):
@@ -166,7 +128,7 @@ def build_nocloud_iso(
     user_data: str | None = None,
     network_config: Mapping[str, object] | None = None,
 ) -> bytes:
-    iso = _IsoBuilder("cidata")
+    iso = IsoBuilder("cidata")
     iso.add_file("meta-data", _yaml(meta_data))
     # cloud-init treats a missing user-data as an error on some versions: always write one.
     iso.add_file("user-data", (user_data or "").encode())
@@ -180,7 +142,7 @@ def build_configdrive_iso(
     user_data: str | None = None,
     network_data: Mapping[str, object] | None = None,
 ) -> bytes:
-    iso = _IsoBuilder("config-2")
+    iso = IsoBuilder("config-2")
     iso.add_file("openstack/latest/meta_data.json", json.dumps(dict(meta_data), sort_keys=True).encode())
     if user_data:
         iso.add_file("openstack/latest/user_data", user_data.encode())
