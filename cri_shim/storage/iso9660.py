@@ -42,6 +42,8 @@ _VD_DATE_LEN = 17
 # ECMA-119 8.4.26-8.4.29: creation, modification, expiration, effective; expiration is left "not specified".
 _VD_DATE_OFFSETS = (813, 830, 864)
 
+_PVD_LABEL_BYTES = 32
+_JOLIET_LABEL_CHARS = 16
 _JOLIET_MAX_NAME_BYTES = 64  # pycdlib counts the UTF-8 bytes of a Joliet name
 _JOLIET_FORBIDDEN = re.compile(r"[\x00-\x1f*/:;?\\]")
 
@@ -83,8 +85,17 @@ class IsoBuilder:
     """
 
     def __init__(self, volume_label: str, *, interchange_level: int = 3) -> None:
+        label = volume_label.encode()
+        if len(label) > _PVD_LABEL_BYTES:
+            raise ValueError(f"ISO volume label {volume_label!r} is longer than {_PVD_LABEL_BYTES} bytes")
         self._iso = pycdlib.PyCdlib()
-        self._iso.new(interchange_level=interchange_level, joliet=3, rock_ridge="1.09", vol_ident=volume_label)
+        # Joliet's label is UCS-2 in the same 32 bytes: its first 16 characters, as genisoimage does
+        # (blkid joins the two); the primary and ISO 9660:1999 descriptors get all of it.
+        self._iso.new(interchange_level=interchange_level, joliet=3, rock_ridge="1.09",
+                      vol_ident=volume_label[:_JOLIET_LABEL_CHARS])
+        for vd in (self._iso.pvd, self._iso.enhanced_vd):
+            if vd is not None:
+                vd.volume_identifier = label.ljust(_PVD_LABEL_BYTES, b" ")
         self._dir_paths: dict[str, str] = {}  # real path -> ISO9660 path
         self._joliet_dirs: set[str] = {"/"}  # real paths of directories present in the Joliet tree
         self._count = 0
