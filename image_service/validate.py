@@ -68,6 +68,30 @@ class Validator:
         self._check_info(info, fmt)
         return ImageInfo(fmt, int(info["virtual-size"]))
 
+    def validate_volume_image(self, path: Path, fmt: str) -> ImageInfo:
+        """ImageInfo of an existing disk on a volume (`disk.img`) taken as `fmt`; ImageRejected otherwise.
+
+        Unlike validate(), the format is the caller's (a record, or the qcow2 magic), not guessed: a raw
+        disk needs no partition table (a blank or whole-disk file system is a fine raw disk), only a
+        non-zero size that is a multiple of 512, and is never given to qemu-img (raw has nothing to
+        follow). A qcow2 gets the same header checks and `qemu-img info` under limits as a download.
+        """
+        if fmt == "raw":
+            size = path.stat().st_size
+            if size == 0 or size % 512:
+                raise ImageRejected(f"raw disk size {size} bytes is not a positive multiple of 512")
+            return ImageInfo("raw", size)
+        if fmt != "qcow2":
+            raise ValueError(f"format {fmt!r} is not raw or qcow2")
+        with path.open("rb") as f:
+            head = f.read(4096)
+        if not head.startswith(QCOW2_MAGIC):
+            raise ImageRejected("not a qcow2 image (no qcow2 magic at offset 0)")
+        self._check_size(self._qcow2_header(path, head))
+        info = self._qemu_img_info(path, fmt)
+        self._check_info(info, fmt)
+        return ImageInfo(fmt, int(info["virtual-size"]))
+
     def _check_size(self, vsize: int) -> None:
         if vsize > self.max_virtual_size:
             raise ImageRejected(f"virtual size {_human(vsize)} ({vsize} bytes) exceeds the limit of "

@@ -126,3 +126,54 @@ def test_unexpected_qemu_img_output_is_a_rejection(tmp_path, output, reason):
     script, image = fake_qemu_img(tmp_path, f"echo '{output}'")
     with pytest.raises(ImageRejected, match=reason):
         Validator(qemu_img=script).validate(image)
+
+
+# ---------------------------------------------------------------- validate_volume_image (disk.img on a volume)
+
+@pytest.mark.parametrize("header, reason", [
+    (qcow2_header(backing=512), "backing file ('/etc/shadow"),
+    (qcow2_header(crypt=2), "encrypted (LUKS)"),
+    (qcow2_header(incompat=1 << 2), "external data file"),
+    (qcow2_header(incompat=1 << 1), "marked corrupt"),
+    (qcow2_header(size=1 << 50), "virtual size 1.0 PiB"),
+    (bytes(510) + b"\x55\xaa" + bytes(512), "not a qcow2 image"),
+])
+def test_volume_qcow2_header_checks_refuse_before_qemu_img_runs(tmp_path, header, reason):
+    f = tmp_path / "disk.img"
+    f.write_bytes(header)
+    with pytest.raises(ImageRejected) as e:
+        Validator(qemu_img="/nonexistent/qemu-img").validate_volume_image(f, "qcow2")  # never reached
+    assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("size", [512, 1 << 20, 3 * 512])
+def test_volume_raw_needs_no_partition_table_and_no_qemu_img(tmp_path, size):
+    f = tmp_path / "disk.img"
+    f.write_bytes(b"QFI\xfb" + bytes(size - 4))  # a qcow2 header a guest wrote: raw is what the caller says
+    info = Validator(qemu_img="/nonexistent/qemu-img", max_virtual_size=1).validate_volume_image(f, "raw")
+    assert (info.format, info.virtual_size) == ("raw", size)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000])
+def test_volume_raw_of_a_size_no_disk_has_is_refused(tmp_path, size):
+    f = tmp_path / "disk.img"
+    f.write_bytes(bytes(size))
+    with pytest.raises(ImageRejected, match=f"raw disk size {size} bytes is not a positive multiple of 512"):
+        Validator().validate_volume_image(f, "raw")
+
+
+def test_volume_image_of_another_format_is_a_caller_error(tmp_path):
+    f = tmp_path / "disk.img"
+    f.write_bytes(bytes(512))
+    with pytest.raises(ValueError, match="'vmdk' is not raw or qcow2"):
+        Validator().validate_volume_image(f, "vmdk")
+
+
+@needs_qemu_img
+def test_volume_qcow2_goes_through_qemu_img_under_limits(tmp_path):
+    import subprocess
+    f = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(f), "16M"], check=True, capture_output=True)
+    assert Validator().validate_volume_image(f, "qcow2").virtual_size == 16 << 20
+    with pytest.raises(ImageRejected, match="qemu-img"):
+        Validator(address_space=4 << 20).validate_volume_image(f, "qcow2")
