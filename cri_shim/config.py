@@ -48,6 +48,8 @@ class Config(BaseModel):
     max_vcpus: int = Field(64, ge=1)
     # Cap on VirtletRootVolumeSize and image virtual size.
     max_root_volume_gib: int = Field(2048, ge=1)
+    # Disks per VM, the root and cloud-init disks included (each virtio disk takes a PCI slot).
+    max_disks: int = Field(24, ge=2, le=64)
     # Domain names are <prefix><container id[:32]>; tests use their own prefix.
     domain_prefix: str = Field("vmlet-", pattern=r"^[a-z][a-z0-9-]{0,20}$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -56,6 +58,11 @@ class Config(BaseModel):
     @property
     def vms_dir(self) -> Path:
         return self.state_dir / "vms"
+
+    @property
+    def pods_dir(self) -> Path:
+        """Per pod sandbox: what lives as long as the sandbox (emptyDisks)."""
+        return self.state_dir / "pods"
 
     @property
     def db_path(self) -> Path:

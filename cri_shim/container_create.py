@@ -20,13 +20,15 @@ from image_service.errors import ImageError
 from proto.runtime.v1 import api_pb2
 
 from . import cloudinit, errors, host_caps, validation
+from .storage import disks as vm_disks
 from .storage import pod_volumes
-from .annotations import CPU_MODEL, LIBVIRT_CPU_SETTING, AnnotationError, VMAnnotations
+from .annotations import CPU_MODEL, LIBVIRT_CPU_SETTING, ROOT_VOLUME_SIZE, AnnotationError, VMAnnotations
 from .crashpoints import crashpoint
 from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, UnsafeText, build_domain_xml
 from .runtime import Runtime, new_id, now_ns
 from .state import ContainerRecord, NameConflict
-from .storage.vm_files import VolumeError, create_root_overlay, remove_vm_files, vm_files, write_file_atomic
+from .storage.vm_files import (VolumeError, create_root_overlay, ensure_traversable, pod_files, remove_vm_files,
+                               vm_files, write_file_atomic)
 
 log = logging.getLogger("vmlet.cri")
 
@@ -126,12 +128,26 @@ def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb
         memory_mib, vcpus, cpu_limit = vm_resources(rt, cfg, vm, caps.memory_bytes)
         cpu = check_cpu(caps, vm)
         log_path = validation.log_path(sandbox_cfg.log_directory, cfg.log_path)
-        return _build(rt, sb.id, sandbox_cfg, cfg, vm, memory_mib, vcpus, cpu_limit, cpu, log_path)
+        disk_plan = plan_disks(rt, cfg, vm)
+        return _build(rt, sb.id, sandbox_cfg, cfg, vm, memory_mib, vcpus, cpu_limit, cpu, log_path, disk_plan)
+
+
+def plan_disks(rt: Runtime, cfg: api_pb2.ContainerConfig, vm: VMAnnotations
+               ) -> tuple[list[vm_disks.Planned], set[str]]:
+    """The disks from the pod's volumes, checked against the request before anything is built."""
+    if vm.root_disk is not None and vm.root_volume_size:
+        raise errors.invalid_argument(
+            f"pod annotation {ROOT_VOLUME_SIZE} sizes the ephemeral root overlay, but disk {vm.root_disk.name!r} "
+            f"of {vm_disks.DISKS} is a persistent root (its size is its volume's): drop one of them")
+    try:
+        return vm_disks.plan(vm.disks, cfg.mounts, cfg.devices, max_disks=rt.config.max_disks)
+    except vm_disks.DiskPlanError as e:
+        raise errors.invalid_argument(str(e)) from None
 
 
 def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, cfg: api_pb2.ContainerConfig,
            vm: VMAnnotations, memory_mib: int, vcpus: int, cpu_limit: tuple[int, int], cpu: CPU | None,
-           log_path: str) -> api_pb2.CreateContainerResponse:
+           log_path: str, disk_plan: tuple[list[vm_disks.Planned], set[str]]) -> api_pb2.CreateContainerResponse:
     container_id = new_id()
     files = vm_files(rt.config.vms_dir, container_id)
     domain = rt.domain_name_for(container_id)
@@ -142,15 +158,40 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
             raise errors.not_found(f"image {errors.show(cfg.image.image)} is not present on this node; pull it first")
         base = rt.images.acquire(image.id, container_id)
         crashpoint("create.after-acquire")
-        root_size = vm.root_volume_size or None
-        if root_size and root_size > rt.config.max_root_volume_gib * 1024 ** 3:
-            raise errors.invalid_argument(f"VirtletRootVolumeSize {root_size} bytes is above this node's cap of "
-                                          f"{rt.config.max_root_volume_gib} GiB")
-        with _step("cannot create the VM's root disk"):
-            create_root_overlay(files, base, image.format, root_size)
-        crashpoint("create.after-overlay")
+        planned, disk_paths = disk_plan
+        targets = vm_disks.Targets()
+        bus = vm.disk_driver
+        root_order = vm_disks.root_boot_order(vm.disks)
+        ensure_traversable(files.dir)
+        with _disks_step():
+            if vm.root_disk is None:
+                root_size = vm.root_volume_size or None
+                if root_size and root_size > rt.config.max_root_volume_gib * 1024 ** 3:
+                    raise errors.invalid_argument(f"VirtletRootVolumeSize {root_size} bytes is above this node's "
+                                                  f"cap of {rt.config.max_root_volume_gib} GiB")
+                with _step("cannot create the VM's root disk"):
+                    create_root_overlay(files, base, image.format, root_size)
+                crashpoint("create.after-overlay")
+                root = [Disk(str(files.root_disk), targets.take(bus), bus=bus, boot_order=root_order)]
+            else:
+                # The persistent root: the image is written onto the volume once (storage/persistent_root.py).
+                root_image = vm_disks.RootImage(base=base, format=image.format, digest=f"sha256:{image.id}",
+                                                name=cfg.image.image, reimage=vm.root_reimage)
+                attached = vm_disks.build([p for p in planned if p.spec.root], files=files,
+                                          pod=pod_files(rt.config.pods_dir, sandbox_id), default_bus=bus,
+                                          targets=targets, root_image=root_image, root_boot_order=root_order)
+                root = [attached[0].disk()]
+            cloud_init_target = targets.take(bus)
+            attached_disks = vm_disks.build([p for p in planned if not p.spec.root], files=files,
+                                            pod=pod_files(rt.config.pods_dir, sandbox_id), default_bus=bus,
+                                            targets=targets, root_image=None)
+            if vm.root_disk is not None:
+                attached_disks = attached + attached_disks
+        crashpoint("create.after-disks")
+        with _step(f"cannot record the VM's disks ({files.disks_record.name})"):
+            write_file_atomic(files.disks_record, vm_disks.record(attached_disks))
         try:
-            shares, skipped = pod_volumes.plan(cfg.mounts)
+            shares, skipped = pod_volumes.plan(cfg.mounts, disk_paths)
             pod_volumes.prepare(files.dir, shares)
         except pod_volumes.BadMount as e:
             raise errors.invalid_argument(str(e)) from None
@@ -171,15 +212,16 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
                 vm, pod_uid=smd.uid, pod_name=smd.name,
                 hostname=validation.hostname(sandbox_cfg.hostname or smd.name),
                 env={kv.key: kv.value for kv in cfg.envs}, mounts=[sh.guest for sh in shares],
+                device_links=[cloudinit.DeviceLink(d.container_path, d.serial)
+                              for d in attached_disks if d.kind == "device" and d.container_path],
                 network_config=network.network_config())
         except cloudinit.CloudInitError as e:
             raise errors.invalid_argument(f"cloud-init data: {e}") from None
         with _step("cannot write the VM's cloud-init disk"):
             write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
 
-        disks = [Disk(str(files.root_disk), "sda" if vm.disk_driver == "scsi" else "vda", bus=vm.disk_driver),
-                 Disk(str(files.cloud_init_iso), "sdb" if vm.disk_driver == "scsi" else "vdb",
-                      bus=vm.disk_driver, format="raw", readonly=True)]
+        disks = [*root, Disk(str(files.cloud_init_iso), cloud_init_target, bus=bus, format="raw", readonly=True),
+                 *(d.disk() for d in attached_disks if not d.root)]
         spec = DomainSpec(
             name=domain, uuid=domain_uuid, memory_kib=memory_mib * 1024, vcpus=vcpus,
             domain_type=rt.domain_type, disks=disks, console_log=str(files.console_log),
@@ -221,6 +263,14 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         raise
     rt.events.container_event(rt, container_id, api_pb2.CONTAINER_CREATED_EVENT)
     return api_pb2.CreateContainerResponse(container_id=container_id)
+
+
+@contextlib.contextmanager
+def _disks_step():
+    try:
+        yield
+    except vm_disks.DiskBuildError as e:
+        raise errors.failed_precondition(f"cannot attach the VM's disks: {e}") from None
 
 
 @contextlib.contextmanager

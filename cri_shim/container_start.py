@@ -10,6 +10,7 @@ import libvirt
 from proto.runtime.v1 import api_pb2
 
 from . import errors
+from .storage import disks as vm_disks
 from .storage import pod_volumes
 from .crashpoints import crashpoint
 from .runtime import Runtime, now_ns
@@ -33,6 +34,7 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
         try:
             # The read-only bind mounts made at create time are gone after a host reboot.
             pod_volumes.prepare(files.dir, pod_volumes.load(files.volumes_record)[0])
+            vm_disks.rebind(files)
             rt.host.start(c.domain_name)
         except libvirt.libvirtError as e:
             # libvirtd restarting under the call: the domain may have booted before the answer was lost.
@@ -44,7 +46,7 @@ def start_container(rt: Runtime, req: api_pb2.StartContainerRequest) -> api_pb2.
                     raise errors.unavailable(f"cannot start the VM of container {c.id}: libvirtd is not reachable: "
                                              f"{e}") from None
                 raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
-        except (LookupError, OSError, pod_volumes.VolumeMountError) as e:
+        except (LookupError, OSError, pod_volumes.VolumeMountError, vm_disks.DiskBuildError) as e:
             _start_failed(rt, c.id, files, e)
             raise errors.failed_precondition(f"cannot start the VM of container {c.id}: {e}") from None
         crashpoint("start.after-boot")

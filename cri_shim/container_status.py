@@ -6,6 +6,7 @@ import json
 
 from proto.runtime.v1 import api_pb2
 
+from .storage import disks as vm_disks
 from .storage import pod_volumes
 from .filters import container_matches
 from .runtime import Runtime
@@ -51,17 +52,25 @@ def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb
     resp = api_pb2.ContainerStatusResponse(status=to_status(rt, c))
     if req.verbose:
         files = vm_files(rt.config.vms_dir, c.id)
+        try:
+            disks = vm_disks.load(files.disks_record)
+        except vm_disks.DiskBuildError:
+            disks = []
         resp.info["info"] = json.dumps({
             "sandboxID": c.sandbox_id,
             "domain": c.domain_name,
             "domainUUID": c.domain_uuid,
             "domainType": rt.domain_type,
             "vmDir": str(files.dir),
-            "rootDisk": str(files.root_disk),
+            "rootDisk": next((d.path for d in disks if d.root), str(files.root_disk)),
             "cloudInitImage": str(files.cloud_init_iso),
             "consoleLog": str(files.console_log),
             # Pod volumes: directories shared over virtio-fs, and the mounts a VM can't take (files).
             "volumes": pod_volumes.read_record(files.volumes_record),
+            # Disks from the pod's volumes (docs/storage.md): kind, guest target and serial, what libvirt opens.
+            "disks": [{"name": d.name, "kind": d.kind, "target": d.target, "serial": d.serial, "bus": d.bus,
+                       "path": d.path, "hostPath": d.host_path, "format": d.format, "readOnly": d.readonly,
+                       "persistent": d.persistent, "root": d.root, "imageDigest": d.digest} for d in disks],
             # libvirt places QEMU in its own machine partition; the kubelet's cgroup parent for the pod
             # is not used (see README: resources). Reported so an operator sees where the VM's CPU goes.
             "cgroupParent": rt.sandbox_config(rt.store.sandboxes[c.sandbox_id]).linux.cgroup_parent

@@ -33,7 +33,13 @@ DiskBus = Literal["virtio", "scsi", "ide", "sata"]
 
 @dataclass(frozen=True)
 class Disk:
-    """A file-backed disk or CD-ROM."""
+    """A disk or CD-ROM backed by a file (`source="file"`) or a host block device (`"block"`).
+
+    `slice_offset`/`slice_size`: the guest sees only that byte range of a raw source (libvirt's
+    storage slice; vmlet keeps its persistent-root header in front of it). `boot_order`: per-device
+    boot order; once any disk has one, the domain boots by device order only (libvirt refuses a
+    mix with <os><boot dev=...>).
+    """
 
     path: str
     target: str  # guest device name, e.g. "vda", "sda", "hdc"
@@ -42,6 +48,12 @@ class Disk:
     format: Literal["qcow2", "raw"] = "qcow2"
     readonly: bool = False
     serial: str | None = None
+    source: Literal["file", "block"] = "file"
+    cache: str | None = None  # None: none for disks, unsafe for CD-ROMs
+    io: str | None = None  # None: libvirt's default
+    boot_order: int | None = None
+    slice_offset: int | None = None
+    slice_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,14 +140,25 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 
 def _disk(devices: ET.Element, disk: Disk) -> None:
-    el = _sub(devices, "disk", type="file", device=disk.device)
-    _sub(el, "driver", name="qemu", type=disk.format, cache="none" if disk.device == "disk" else "unsafe")
-    _sub(el, "source", file=disk.path)
+    el = _sub(devices, "disk", type=disk.source, device=disk.device)
+    driver = {"name": "qemu", "type": disk.format,
+              "cache": disk.cache or ("none" if disk.device == "disk" else "unsafe")}
+    if disk.io:
+        driver["io"] = disk.io
+    _sub(el, "driver", **driver)
+    source = _sub(el, "source", **({"dev": disk.path} if disk.source == "block" else {"file": disk.path}))
+    if disk.slice_offset is not None:
+        bounds = {"offset": str(disk.slice_offset)}
+        if disk.slice_size is not None:
+            bounds["size"] = str(disk.slice_size)
+        _sub(_sub(source, "slices"), "slice", type="storage", **bounds)
     _sub(el, "target", dev=disk.target, bus=disk.bus)
     if disk.readonly or disk.device == "cdrom":
         _sub(el, "readonly")
     if disk.serial:
         _sub(el, "serial", disk.serial)
+    if disk.boot_order is not None:
+        _sub(el, "boot", order=str(disk.boot_order))
 
 
 def _interface(devices: ET.Element, nic: Interface) -> None:
@@ -203,7 +226,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64")
-    _sub(os_el, "boot", dev="hd")
+    if not any(d.boot_order is not None for d in spec.disks):
+        _sub(os_el, "boot", dev="hd")
 
     features = _sub(dom, "features")
     _sub(features, "acpi")  # ACPI power button: graceful shutdown

@@ -5,7 +5,10 @@ at any step, host reboot):
 
 - a vmlet domain whose container has no record (a crash inside
   CreateContainer) is an orphan: undefined, its files deleted;
-- a VM directory without a record is deleted;
+- a VM directory without a record is deleted (after detaching the bind mounts
+  in it, so nothing on a pod's volume is ever deleted through them), and so is
+  a pod directory (emptyDisks) without a sandbox record; data on volumes (disk
+  images, block devices, persistent roots) is the user's and never touched;
 - a created container whose domain runs (a crash inside StartContainer) is
   recorded as running;
 - a running container whose domain still runs keeps running and gets its
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 from proto.runtime.v1 import api_pb2
 
@@ -86,6 +90,15 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
                     log.error("keeping orphan VM directory %s: %s", d, e)
                     continue
                 report["orphan_dirs"].append(d.name)
+
+    # emptyDisks of sandboxes without a record (a crash inside RemovePodSandbox or RunPodSandbox).
+    report["orphan_pod_dirs"] = []
+    if rt.config.pods_dir.is_dir():
+        for d in rt.config.pods_dir.iterdir():
+            if d.name not in rt.store.sandboxes:
+                log.warning("removing the files of pod sandbox %s (it has no record)", d.name[:12])
+                shutil.rmtree(d, ignore_errors=True)
+                report["orphan_pod_dirs"].append(d.name)
 
     for c in containers.values():
         try:

@@ -2,12 +2,14 @@
 
 Stop kills what still runs in the sandbox (the kubelet has already given the
 container its grace period through StopContainer) and releases the sandbox's
-resources; Remove also removes the containers and forgets the sandbox. Both
+resources; Remove also removes the containers, the sandbox's emptyDisks, and
+forgets the sandbox. Both
 are idempotent; removing an unknown sandbox succeeds, as the CRI asks.
 """
 
 from __future__ import annotations
 
+import shutil
 
 from proto.runtime.v1 import api_pb2
 
@@ -16,6 +18,7 @@ from .container_stop import remove_vm, stop_vm
 from .crashpoints import crashpoint
 from .network import NetworkError
 from .runtime import Runtime
+from .storage.vm_files import pod_files
 
 
 def stop_pod_sandbox(rt: Runtime, req: api_pb2.StopPodSandboxRequest) -> api_pb2.StopPodSandboxResponse:
@@ -48,6 +51,9 @@ def remove_pod_sandbox(rt: Runtime, req: api_pb2.RemovePodSandboxRequest) -> api
             rt.network.remove(sb.id)  # teardown if still up, then the netns
         except NetworkError as e:
             raise errors.failed_precondition(f"pod network removal failed (will be retried): {e}") from None
+        # The emptyDisks end with the pod (a crash before this line: recovery removes the directory).
+        shutil.rmtree(pod_files(rt.config.pods_dir, sb.id).dir, ignore_errors=True)
+        crashpoint("sandbox-remove.after-pod-files")
         if sb.id in rt.store.sandboxes:
             rt.store.delete_sandbox(sb.id)
             rt.events.container_event(rt, sb.id, api_pb2.CONTAINER_DELETED_EVENT, sandbox_id=sb.id)

@@ -33,7 +33,7 @@ log = logging.getLogger("vmlet")
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        ensure_traversable(config.state_dir, config.vms_dir)
+        ensure_traversable(config.state_dir, config.vms_dir, config.pods_dir)
         self.host = LibvirtHost(config.libvirt_uri)
         domain_type, why = accel.resolve(config.accelerator, config.accelerator_probe_image, config.state_dir)
         log.info("accelerator %s -> domain type %s (%s)", config.accelerator, domain_type, why)

@@ -3,8 +3,9 @@
 CPU: the domain's total CPU time (all vCPUs and QEMU's own threads), and a
 rate from the previous sample of the same container. Memory: QEMU's
 resident set as working set and usage, the balloon's unused memory as
-available. Writable layer: the allocated bytes of the VM's files. Disk I/O
-(bytes and operations of the root disk) is offered as metrics.
+available. Writable layer: the allocated bytes of the VM's own files and of its
+emptyDisks (not of disks on volumes). Disk I/O (bytes and operations of every
+disk, labelled with the guest device as cAdvisor does) is offered as metrics.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 
@@ -20,6 +22,7 @@ from proto.runtime.v1 import api_pb2
 from .filters import container_matches, sandbox_matches
 from .runtime import Runtime
 from .state import ContainerRecord, SandboxRecord
+from .storage import disks as vm_disks
 from .storage.vm_files import allocated_bytes, vm_files
 
 
@@ -29,7 +32,8 @@ class Sample:
     cpu_time: int  # ns
     rss_bytes: int
     available_bytes: int | None
-    disk: tuple[int, int, int, int]  # read ops, read bytes, write ops, write bytes
+    # guest device (vda, sdb...) → (read ops, read bytes, write ops, write bytes), every disk of the VM
+    disks: dict[str, tuple[int, int, int, int]]
 
 
 _last_cpu: dict[str, tuple[int, int]] = {}
@@ -46,19 +50,24 @@ def sample(rt: Runtime, c: ContainerRecord) -> Sample | None:
             return None
         cpu_time = int(dom.getCPUStats(True)[0].get("cpu_time", 0))
         mem = dom.memoryStats()
-        disk = (0, 0, 0, 0)
-        for target in ("vda", "sda"):
-            try:
-                rd_req, rd_bytes, wr_req, wr_bytes, _errs = dom.blockStats(target)
-                disk = (rd_req, rd_bytes, wr_req, wr_bytes)
-                break
-            except libvirt.libvirtError:
-                continue
+        disks = _block_stats(dom)
     except libvirt.libvirtError:
         return None  # the VM stopped between the calls
     available = mem.get("unused")
     return Sample(timestamp=time.time_ns(), cpu_time=cpu_time, rss_bytes=int(mem.get("rss", 0)) * 1024,
-                  available_bytes=int(available) * 1024 if available is not None else None, disk=disk)
+                  available_bytes=int(available) * 1024 if available is not None else None, disks=disks)
+
+
+def _block_stats(dom: libvirt.virDomain) -> dict[str, tuple[int, int, int, int]]:
+    """Per guest disk, in one call (libvirt's bulk stats: block.<n>.name, .rd.reqs, .rd.bytes, ...)."""
+    [(_dom, st)] = dom.connect().domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_BLOCK)
+    out = {}
+    for n in range(int(st.get("block.count", 0))):
+        p = f"block.{n}."
+        name = st.get(p + "name")
+        if name:
+            out[name] = tuple(int(st.get(p + k, 0)) for k in ("rd.reqs", "rd.bytes", "wr.reqs", "wr.bytes"))
+    return out  # type: ignore[return-value]
 
 
 def forget(container_id: str) -> None:
@@ -84,10 +93,15 @@ def container_stats(rt: Runtime, c: ContainerRecord) -> api_pb2.ContainerStats:
     now = time.time_ns()
     stats.writable_layer.timestamp = now
     stats.writable_layer.fs_id.mountpoint = str(rt.config.vms_dir)
-    stats.writable_layer.used_bytes.value = (allocated_bytes(files.root_disk) + allocated_bytes(files.cloud_init_iso)
-                                             + allocated_bytes(files.console_log))
-    stats.writable_layer.inodes_used.value = sum(1 for p in (files.root_disk, files.cloud_init_iso,
-                                                             files.console_log) if p.exists())
+    # The VM's own files and the sandbox's emptyDisks; disks on volumes are the volumes' (the kubelet
+    # accounts for those).
+    own = [files.root_disk, files.cloud_init_iso, files.console_log]
+    try:
+        own += [Path(d.path) for d in vm_disks.load(files.disks_record) if not d.persistent]
+    except vm_disks.DiskBuildError:
+        pass
+    stats.writable_layer.used_bytes.value = sum(allocated_bytes(p) for p in own)
+    stats.writable_layer.inodes_used.value = sum(1 for p in own if p.exists())
     s = sample(rt, c)
     if s is None:
         return stats
@@ -132,23 +146,28 @@ def list_pod_sandbox_stats(rt: Runtime, flt: api_pb2.PodSandboxStatsFilter | Non
 # -------------------------------------------------------------- metrics (cAdvisor names)
 
 METRIC_LABELS = ["container", "id", "image", "namespace", "pod"]
+DISK_LABELS = [*METRIC_LABELS, "device"]  # cAdvisor's fs metrics are per device too
+# name, help, type, how to read it from a Sample
 METRICS = [
-    # name, help, type, how to read it from a Sample
     ("container_cpu_usage_seconds_total", "Cumulative CPU time consumed by the VM, in nanoseconds.",
      api_pb2.COUNTER, lambda s: s.cpu_time),
     ("container_memory_working_set_bytes", "Resident memory of the VM's QEMU process.",
      api_pb2.GAUGE, lambda s: s.rss_bytes),
-    ("container_fs_reads_total", "Read operations on the VM's root disk.", api_pb2.COUNTER, lambda s: s.disk[0]),
-    ("container_fs_reads_bytes_total", "Bytes read from the VM's root disk.", api_pb2.COUNTER, lambda s: s.disk[1]),
-    ("container_fs_writes_total", "Write operations on the VM's root disk.", api_pb2.COUNTER, lambda s: s.disk[2]),
-    ("container_fs_writes_bytes_total", "Bytes written to the VM's root disk.", api_pb2.COUNTER,
-     lambda s: s.disk[3]),
+]
+# name, help, index into a disk's (read ops, read bytes, write ops, write bytes)
+DISK_METRICS = [
+    ("container_fs_reads_total", "Read operations on a disk of the VM.", 0),
+    ("container_fs_reads_bytes_total", "Bytes read from a disk of the VM.", 1),
+    ("container_fs_writes_total", "Write operations on a disk of the VM.", 2),
+    ("container_fs_writes_bytes_total", "Bytes written to a disk of the VM.", 3),
 ]
 
 
 def metric_descriptors() -> list[api_pb2.MetricDescriptor]:
-    return [api_pb2.MetricDescriptor(name=name, help=help_, label_keys=METRIC_LABELS)
-            for name, help_, _type, _read in METRICS]
+    return ([api_pb2.MetricDescriptor(name=name, help=help_, label_keys=METRIC_LABELS)
+             for name, help_, _type, _read in METRICS]
+            + [api_pb2.MetricDescriptor(name=name, help=help_, label_keys=DISK_LABELS)
+               for name, help_, _i in DISK_METRICS])
 
 
 def pod_sandbox_metrics(rt: Runtime, sb: SandboxRecord) -> api_pb2.PodSandboxMetrics:
@@ -163,4 +182,8 @@ def pod_sandbox_metrics(rt: Runtime, sb: SandboxRecord) -> api_pb2.PodSandboxMet
         for name, _help, mtype, read in METRICS:
             cm.metrics.add(name=name, timestamp=s.timestamp, metric_type=mtype, label_values=labels,
                            value=api_pb2.UInt64Value(value=int(read(s))))
+        for device, counters in sorted(s.disks.items()):
+            for name, _help, i in DISK_METRICS:
+                cm.metrics.add(name=name, timestamp=s.timestamp, metric_type=api_pb2.COUNTER,
+                               label_values=[*labels, device], value=api_pb2.UInt64Value(value=counters[i]))
     return out

@@ -28,6 +28,8 @@ PKGS_NETWORK=(containernetworking-plugins util-linux busybox-static)
 PKGS_PYTHON_BUILD=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev)
 PKGS_TEST_IMAGE=(syslinux syslinux-common mtools dosfstools fdisk cpio gzip)
 PKGS_TOOLS=(curl ca-certificates procps iproute2 openssl util-linux)
+# Tests read vmlet's ISO disks (cloud-init, configVolume) back with isoinfo.
+PKGS_TEST_TOOLS=(genisoimage)
 # Tests: a container registry (distribution v2) that the CRI proxy's pull test runs on loopback with a
 # config of its own (`docker-registry serve <config>`); when this script installs the package, its own
 # service is kept off (below).
@@ -63,6 +65,7 @@ remove_leftover_policy() {
 
 install_packages() {
     local want=("${PKGS_LIBVIRT[@]}" "${PKGS_NETWORK[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}"
+                "${PKGS_TEST_TOOLS[@]}"
                 "${PKGS_TEST_REGISTRY[@]}")
     local missing=()
     for p in "${want[@]}"; do

@@ -173,8 +173,8 @@ def parse_entries(data: Any, parse_quantity, max_size: int) -> tuple[DiskSpec, .
                                     + ("; an emptyDisk's is emptyDisk.capacity" if source == "emptyDisk" else ""))
             fields["capacity"] = _quantity(f"{at}.capacity", item["capacity"], parse_quantity)
         if fields.get("capacity") and fields["capacity"] > max_size:
-            raise DiskSpecError(f"{at}: capacity {fields['capacity']} bytes is over the limit of "
-                                f"{max_size // 1024 ** 4}Ti")
+            where = f"{at}.emptyDisk.capacity" if source == "emptyDisk" else f"{at}.capacity"
+            raise DiskSpecError(f"{where}: {fields['capacity']} bytes is over the limit of {max_size // 1024 ** 4}Ti")
         if item.get("root") is not None:
             fields["root"] = _bool(f"{at}.root", item["root"])
             if fields["root"] and source not in ("volume", "device"):

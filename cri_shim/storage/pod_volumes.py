@@ -79,17 +79,21 @@ class Skipped:
     reason: str
 
 
-def plan(mounts: Sequence[api_pb2.Mount]) -> tuple[list[Share], list[Skipped]]:
+def plan(mounts: Sequence[api_pb2.Mount], disk_paths: frozenset[str] | set[str] = frozenset()
+         ) -> tuple[list[Share], list[Skipped]]:
     """Which CRI mounts become shares and which are left out (and why).
 
     Every mount is checked before the host is touched: BadMount names the
     field (config.mounts[i].…). Then missing host directories are created
-    (VolumeMountError if the host refuses).
+    (VolumeMountError if the host refuses). Mounts at `disk_paths` are the
+    VM's disks (cri_shim/storage/disks.py), not shares.
     """
     checked: list[tuple[str, api_pb2.Mount]] = []
     seen: dict[str, int] = {}
     for i, m in enumerate(mounts):
         field = f"config.mounts[{i}]"
+        if m.container_path in disk_paths:
+            continue
         if m.HasField("image") and m.image.image:
             raise BadMount(f"{field}.image: image volumes are not supported by VM pods")
         if m.uidMappings or m.gidMappings:
@@ -196,13 +200,15 @@ def prepare(vm_dir: Path, shares: Sequence[Share]) -> None:
 
 
 def release(vm_dir: Path) -> None:
-    """Detach the VM's read-only bind mounts once the VM is down, so the kubelet can tear the
-    volumes down (a bind would keep a CSI file system or a Secret's tmpfs mounted). Idempotent and
-    best effort: RemoveContainer detaches whatever is left before it deletes the directory."""
-    try:
-        unmount_under(vm_dir / "shares")
-    except VolumeMountError as e:
-        log.warning("%s", e)
+    """Detach the VM's bind mounts (read-only shares, disk images and devices from volumes) once the
+    VM is down, so the kubelet can tear the volumes down (a bind would keep a CSI file system or a
+    Secret's tmpfs mounted). Idempotent and best effort: RemoveContainer detaches whatever is left
+    before it deletes the directory."""
+    for sub in ("shares", "disks"):
+        try:
+            unmount_under(vm_dir / sub)
+        except VolumeMountError as e:
+            log.warning("%s", e)
 
 
 def unmount_under(directory: Path) -> None:
@@ -236,22 +242,38 @@ def _syscall(nr: int, *args) -> int:
 
 def _attach_read_only_clone(source: str, target: str) -> None:
     """A read-only bind of `source` (nosuid/nodev/noexec kept) attached at `target`, atomically."""
+    attach_clone(source, target, read_only=True)
+
+
+def attach_clone(source: str, target: str, *, read_only: bool, source_fd: int | None = None) -> None:
+    """A private bind of `source` attached at `target` (an existing file or directory), atomically;
+    read-only from the first instant when asked. With `source_fd` (an O_PATH fd, e.g. opened with
+    O_NOFOLLOW) the bind is of exactly that inode: no path is looked up again (no symlink race)."""
     try:
-        fd = _syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), source.encode(),
-                      ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC))
+        if source_fd is None:
+            fd = _syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), source.encode(),
+                          ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC))
+        else:
+            fd = _syscall(_SYS_OPEN_TREE, ctypes.c_int(source_fd), b"",
+                          ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH))
     except OSError as e:
         raise VolumeMountError(f"cannot bind-mount {source}: {e.strerror}") from None
     try:
         # Private: a clone of a shared mount would stay in its peer group.
-        attr = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY, propagation=_MS_PRIVATE)
+        attr = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY if read_only else 0, propagation=_MS_PRIVATE)
         _syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(_AT_EMPTY_PATH),
                  ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
         _syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD), target.encode(),
                  ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
     except OSError as e:
-        raise VolumeMountError(f"cannot bind-mount {source} read-only at {target}: {e.strerror}") from None
+        ro = " read-only" if read_only else ""
+        raise VolumeMountError(f"cannot bind-mount {source}{ro} at {target}: {e.strerror}") from None
     finally:
         os.close(fd)  # a clone never attached goes away with its last fd
+
+
+def is_mountpoint(path: Path) -> bool:
+    return _is_mountpoint(path)
 
 
 def _umount(target: str) -> None:

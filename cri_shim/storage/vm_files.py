@@ -7,6 +7,10 @@ Layout, one directory per container so a VM is self-describing on disk:
     <state>/vms/<container-id>/console.log     the serial console as virtlogd writes it
     <state>/vms/<container-id>/volumes.json    the pod volumes shared with the VM, and those left out
     <state>/vms/<container-id>/shares/<tag>    read-only bind mounts of read-only volumes
+    <state>/vms/<container-id>/disks.json      the disks from the pod's volumes (cri_shim/storage/disks.py)
+    <state>/vms/<container-id>/disks/<name>    bind mounts of disk images and devices on volumes
+    <state>/vms/<container-id>/config-<name>.iso  configVolume disks
+    <state>/pods/<sandbox-id>/empty-disks/<name>.qcow2  emptyDisks: they live as long as the sandbox
 
 QEMU runs as an unprivileged user (libvirt's dynamic ownership chowns the
 files it opens), so directories on the way are traversable (0711) but not
@@ -53,6 +57,31 @@ class VMFiles:
     @property
     def volumes_record(self) -> Path:
         return self.dir / "volumes.json"
+
+    @property
+    def disks_record(self) -> Path:
+        return self.dir / "disks.json"
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.dir / "disks"
+
+    def config_iso(self, disk_name: str) -> Path:
+        return self.dir / f"config-{disk_name}.iso"
+
+
+@dataclass(frozen=True)
+class PodFiles:
+    """What a pod sandbox keeps beyond one container: its emptyDisks."""
+
+    dir: Path
+
+    def empty_disk(self, disk_name: str) -> Path:
+        return self.dir / "empty-disks" / f"{disk_name}.qcow2"
+
+
+def pod_files(pods_dir: Path, sandbox_id: str) -> PodFiles:
+    return PodFiles(pods_dir / sandbox_id)
 
 
 def vm_files(vms_dir: Path, container_id: str) -> VMFiles:

@@ -100,3 +100,25 @@ def test_cpu_xml_alone():
     el = ET.fromstring(cpu_xml(CPU(mode="custom", model="qemu64", features=[CPUFeature("sse4.2", "require")])))
     assert el.tag == "cpu" and el.get("mode") == "custom" and el.findtext("model") == "qemu64"
     assert el.find("feature").attrib == {"name": "sse4.2", "policy": "require"}
+
+
+def test_block_disks_slices_cache_io_and_boot_order():
+    root = ET.fromstring(build_domain_xml(spec(disks=[
+        Disk("/dev/loop7", "vda", source="block", format="raw", serial="root", boot_order=1,
+             slice_offset=1048576, slice_size=267386880, cache="writeback", io="threads"),
+        Disk("/var/lib/vmlet/vms/x/disks/data", "vdb", format="raw", serial="data", readonly=True),
+    ])))
+    first, second = root.findall("devices/disk")
+    assert first.get("type") == "block" and first.find("source").get("dev") == "/dev/loop7"
+    assert first.find("source/slices/slice").attrib == {"type": "storage", "offset": "1048576", "size": "267386880"}
+    assert first.find("driver").attrib == {"name": "qemu", "type": "raw", "cache": "writeback", "io": "threads"}
+    assert first.find("boot").get("order") == "1"
+    assert root.find("os/boot") is None, "libvirt refuses per-device boot order next to <os><boot dev>"
+    assert second.get("type") == "file" and second.find("source").get("file").endswith("/disks/data")
+    assert second.find("readonly") is not None and second.findtext("serial") == "data"
+    assert second.find("boot") is None and second.find("driver").get("cache") == "none"
+
+
+def test_without_boot_order_the_domain_boots_from_the_first_disk():
+    root = ET.fromstring(build_domain_xml(spec()))
+    assert root.find("os/boot").get("dev") == "hd"
