@@ -319,7 +319,11 @@ def prepare_block_root(device: Path, *, base: Path, base_format: str, digest: st
         target = ",".join([f"driver=raw,offset={HEADER_SIZE},size={slice_size}",
                            f"file.driver=host_device,file.filename={_opt(str(device))}"])
         # qemu-img 7.2 refuses -O together with --target-image-opts: the format is the options' driver.
-        _qemu_img(["convert", "-q", "-n", "-f", base_format, str(base), "--target-image-opts", target],
+        # -t none: O_DIRECT, the data goes to the device as it is converted (convert's default cache is
+        # "unsafe": into the page cache, no flush, leaving the whole write-out to our fsync); -W: out of
+        # order, nothing on the device depends on the order until the header, written after the fsync.
+        _qemu_img(["convert", "-q", "-n", "-t", "none", "-W", "-f", base_format, str(base),
+                   "--target-image-opts", target],
                   f"of the image {base} onto {device}", qemu_img_timeout(vsize))
         try:
             os.fsync(fd)  # the device's cache, before the header that says the image is there
