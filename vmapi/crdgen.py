@@ -45,6 +45,8 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "properties":
             out[key] = {name: structural(sub, defs) for name, sub in value.items()}
+        elif key == "description" and isinstance(value, str):
+            out[key] = " ".join(value.split())  # class docstrings wrap; kubectl explain wraps itself
         else:
             out[key] = structural(value, defs)
     if out.get("x-kubernetes-preserve-unknown-fields"):

@@ -12,30 +12,39 @@
   Template annotations pass through, but the generated ones win.
 * restartPolicy Never: restarts are the controller's decision (runStrategy), not
   the kubelet's.
+* Disks and volumes (vmapi/storage.py): pod volumes, mounts and devices, and the
+  `vmlet.dev/disks` / `vmlet.dev/root-reimage` annotations, which only the spec
+  makes (a template annotation of those names is dropped). They depend on the
+  claims (Block or Filesystem, requested size), so rendering is two steps:
+  `prepare(vm)` checks everything the spec alone can tell, `render(vm, claims)`
+  finishes the pod once the controller has read the claims.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from typing import Any, Mapping
 
 from cri_shim import annotations as va
-from vmapi import types
+from vmapi import storage, types
+from vmapi.errors import ClaimsUnavailable, SpecError
+
+__all__ = ["ClaimsUnavailable", "SpecError", "Prepared", "prepare", "render", "template_hash", "pod_name"]
 
 POD_SUFFIX = "-vm"
-LABEL_VM = "vmlet.dev/vm"
-LABEL_VM_UID = "vmlet.dev/vm-uid"
+LABEL_VM = types.LABEL_VM
+LABEL_VM_UID = types.LABEL_VM_UID
 ANN_TEMPLATE_HASH = "vmlet.dev/template-hash"
 CONTAINER = "vm"
 # Nodes that run vmlet (the DaemonSet's nodeSelector carries the same label).
 NODE_SELECTOR = {"vmlet.dev/runtime": "virtlet"}
 TARGET_RUNTIME = "virtlet.cloud"
 
-
-class SpecError(ValueError):
-    """The spec passed the schema but cannot become a valid VM pod."""
+# Annotations only the spec's disks and volumes make: a template's own would bypass their checks.
+STORAGE_ANNOTATIONS = (va.DISKS, va.ROOT_REIMAGE)
 
 
 # What kube-apiserver checks on a pod's metadata (apimachinery validation): a VM that cannot make a
@@ -122,8 +131,8 @@ def parse_spec(spec: Mapping[str, Any]) -> types.VirtualMachineSpec:
         return types.VirtualMachineSpec.model_validate(dict(spec))
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise SpecError(f"spec.{where}: {err['msg']}") from None
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        raise SpecError(f"spec{where}: {err['msg']}") from None
 
 
 def vm_annotations(spec: types.VirtualMachineSpec) -> dict[str, str]:
@@ -156,15 +165,25 @@ def vm_annotations(spec: types.VirtualMachineSpec) -> dict[str, str]:
     return out
 
 
-def render(vm: Mapping[str, Any]) -> dict[str, Any]:
-    """The VM pod for a VirtualMachine body; SpecError when the spec cannot make a valid one."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A VM whose spec checked out as far as it can without its claims."""
+
+    vm: Mapping[str, Any]
+    spec: types.VirtualMachineSpec
+    plan: storage.Plan
+    annotations: dict[str, str]  # all but the storage ones, already through the node's parser
+
+
+def prepare(vm: Mapping[str, Any]) -> Prepared:
+    """Everything about the VM pod that does not depend on its claims; SpecError naming the field."""
     meta = vm["metadata"]
     check_vm_name(meta.get("name"))
     spec = parse_spec(vm.get("spec"))
     vmi = spec.template.spec
     tmeta = spec.template.metadata or types.TemplateMeta()
-    annotations = {**(tmeta.annotations or {}), **vm_annotations(spec),
-                   ANN_TEMPLATE_HASH: template_hash(vm["spec"])}
+    passed = {k: v for k, v in (tmeta.annotations or {}).items() if k not in STORAGE_ANNOTATIONS}
+    annotations = {**passed, **vm_annotations(spec), ANN_TEMPLATE_HASH: template_hash(vm["spec"])}
     check_labels("spec.template.metadata.labels", tmeta.labels or {})
     check_labels("spec.template.spec.nodeSelector", vmi.nodeSelector or {})
     check_annotations("spec.template.metadata.annotations", annotations)
@@ -176,21 +195,52 @@ def render(vm: Mapping[str, Any]) -> dict[str, Any]:
         va.parse_quantity(vmi.domain.memory.guest)
     except ValueError as e:
         raise SpecError(f"spec.template.spec.domain.memory.guest: {e}") from None
+    for i, t in enumerate(spec.volumeClaimTemplates or []):
+        check_labels(f"spec.volumeClaimTemplates[{i}].metadata.labels", t.metadata.labels or {})
+        check_annotations(f"spec.volumeClaimTemplates[{i}].metadata.annotations", t.metadata.annotations or {})
+    return Prepared(vm, spec, storage.plan(spec, meta["name"]), annotations)
+
+
+def render(vm: Mapping[str, Any], claims: Mapping[str, Any] | None = None,
+           prepared: Prepared | None = None) -> dict[str, Any]:
+    """The VM pod for a VirtualMachine body and its claims (by name; None or absent: not there).
+
+    SpecError when the spec cannot make a valid pod; ClaimsUnavailable when claims it needs are not
+    there (yet). `prepared`: what prepare(vm) returned, to not do it twice."""
+    p = prepared if prepared is not None else prepare(vm)
+    meta, vmi = vm["metadata"], p.spec.template.spec
+    disks = storage.render(p.plan, claims or {}, vm)
+    annotations = {**p.annotations, **disks.annotations}
+    if disks.annotations:
+        check_annotations("spec.template.metadata.annotations", annotations)
+        try:  # the node's parser on what the disks added (the rest went through it in prepare)
+            va.VMAnnotations.from_pod_annotations(
+                {k: annotations[k] for k in (*STORAGE_ANNOTATIONS, va.DISK_DRIVER) if k in annotations})
+        except va.AnnotationError as e:
+            raise SpecError(str(e)) from None
+    tmeta = p.spec.template.metadata or types.TemplateMeta()
     labels = {**(tmeta.labels or {}), LABEL_VM: meta["name"], LABEL_VM_UID: meta["uid"]}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": vmi.domain.rootDisk.image,
+        "imagePullPolicy": vmi.domain.rootDisk.imagePullPolicy,
+        "resources": {
+            "requests": {"memory": vmi.domain.memory.guest},
+            "limits": {"memory": vmi.domain.memory.guest},
+        },
+    }
+    if disks.mounts:
+        container["volumeMounts"] = disks.mounts
+    if disks.devices:
+        container["volumeDevices"] = disks.devices
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": vmi.terminationGracePeriodSeconds,
         "nodeSelector": {**(vmi.nodeSelector or {}), **NODE_SELECTOR},
-        "containers": [{
-            "name": CONTAINER,
-            "image": vmi.domain.rootDisk.image,
-            "imagePullPolicy": vmi.domain.rootDisk.imagePullPolicy,
-            "resources": {
-                "requests": {"memory": vmi.domain.memory.guest},
-                "limits": {"memory": vmi.domain.memory.guest},
-            },
-        }],
+        "containers": [container],
     }
+    if disks.volumes:
+        pod_spec["volumes"] = disks.volumes
     if vmi.affinity:
         pod_spec["affinity"] = vmi.affinity
     if vmi.tolerations:

@@ -5,6 +5,11 @@ Terminating, CrashLoopBackOff, ErrorUnschedulable, ErrImagePull, ImagePullBackOf
 Unknown — plus ErrorInvalidSpec, for a spec the schema accepted but that cannot
 become a valid VM pod (KubeVirt rejects those in its admission webhook).
 
+Storage (KubeVirt's): ErrorPvcNotFound when the pod cannot be made because a claim
+it needs does not exist and no volumeClaimTemplate makes it; WaitingForVolumeBinding
+while the pod is Pending on a claim that is not bound yet (the pod must exist for a
+WaitForFirstConsumer claim to bind). `volumeStatus` comes from storage.report.
+
 RestartRequired: the pod carries the hash of the template it was made from
 (`vmlet.dev/template-hash`); when the VM's template hashes differently, the
 running VM is not what the spec says until it is restarted (KubeVirt compares
@@ -16,7 +21,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Mapping
 
-from vmapi import podspec
+from vmapi import podspec, storage
 from vmapi.strategy import FINAL, Decision, StartFailure
 
 WAITING_ERRORS = ("ErrImagePull", "ImagePullBackOff")
@@ -48,12 +53,13 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
 
 
 def printable(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decision,
-              create_blocked: bool) -> str:
+              blocked: str | None, volumes: storage.Report | None = None) -> str:
+    """`blocked`: what the VM is when the pod it wants cannot be created (ErrorInvalidSpec, ...)."""
     if (vm.get("metadata") or {}).get("deletionTimestamp"):
         return "Terminating"
     if pod is None:
-        if create_blocked:
-            return "ErrorInvalidSpec"
+        if blocked is not None:
+            return blocked
         if decision.wait_until is not None:
             return "CrashLoopBackOff"
         return "Starting" if decision.action == "create" else "Stopped"
@@ -62,6 +68,8 @@ def printable(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: De
     if (pod.get("metadata") or {}).get("deletionTimestamp") or decision.action == "delete":
         return "Stopping"
     if phase == "Pending":
+        if volumes is not None and volumes.pending:  # before Unschedulable, as KubeVirt: it is the cause
+            return "WaitingForVolumeBinding"
         for c in st.get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
                 return "ErrorUnschedulable"
@@ -114,14 +122,20 @@ def _condition(prev: Mapping[str, Mapping[str, Any]], now: str, type_: str, stat
 def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decision, *,
            now: float, current_hash: str | None, spec_error: str | None = None,
            action_error: str | None = None, requests_error: str | None = None,
-           acted: bool = True, created: bool = False) -> dict[str, Any]:
-    """The complete status to write. `acted`: the decision's action succeeded (or was none)."""
+           acted: bool = True, created: bool = False, volumes: storage.Report | None = None) -> dict[str, Any]:
+    """The complete status to write. `acted`: the decision's action succeeded (or was none).
+    `volumes`: the claims' report (None: the spec names no volumes, or could not be read)."""
     prev = sanitize(vm.get("status"))
     meta = vm.get("metadata") or {}
     nows = iso(now)
-    create_blocked = decision.action == "create" and spec_error is not None
+    waits_for_claims = volumes is not None and bool(volumes.unavailable) and spec_error is None
+    create_blocked = decision.action == "create" and (spec_error is not None or waits_for_claims)
+    blocked = None
+    if create_blocked:
+        # A claim a template makes but that is not there yet (being created, or being deleted): Starting.
+        blocked = "ErrorInvalidSpec" if spec_error else "ErrorPvcNotFound" if volumes.missing else "Starting"
     out: dict[str, Any] = {
-        "printableStatus": printable(vm, pod, decision, create_blocked),
+        "printableStatus": printable(vm, pod, decision, blocked, volumes),
         "created": pod is not None,
         "runStrategy": (spec.get("runStrategy", "Always") if isinstance(spec := vm.get("spec"), dict) else None)
         if acted and not create_blocked
@@ -157,7 +171,10 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
 
     prev_conds = {c.get("type"): c for c in prev.get("conditions") or [] if isinstance(c, dict)}
     conds = []
-    if pod is None:
+    if pod is None and create_blocked and waits_for_claims:
+        conds.append(_condition(prev_conds, nows, "Ready", "False", "PvcNotFound" if volumes.missing else "PvcNotReady",
+                                "the pod waits for its claims: " + volumes.blocking_message()))
+    elif pod is None:
         conds.append(_condition(prev_conds, nows, "Ready", "False", "PodNotFound", "the VM has no pod"))
     elif ready:
         conds.append(_condition(prev_conds, nows, "Ready", "True", "PodReady"))
@@ -178,6 +195,7 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
                   else "InvalidRequests" if requests_error else "PodConflict")
         conds.append(_condition(prev_conds, nows, "Failure", "True", reason, failure[:1024]))
     out["conditions"] = conds
+    out["volumeStatus"] = volumes.statuses if volumes is not None and volumes.statuses else None
     return out
 
 

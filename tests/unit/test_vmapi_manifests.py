@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from vmapi import client, podspec, types
+from cri_shim import annotations as va
+from vmapi import client, podspec, storage, types
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "manifests"
 
@@ -80,6 +81,26 @@ def test_sample_vm_is_valid_and_renders():
     types.VirtualMachine.model_validate(vm)
     vm = {**vm, "metadata": {**vm["metadata"], "namespace": "default", "uid": "u"}}
     assert podspec.render(vm)["metadata"]["name"] == "testvm-vm"
+
+
+def test_persistent_sample_renders_claims_and_a_pod_the_node_accepts():
+    vm = _get("VirtualMachine", "dbvm")
+    types.VirtualMachine.model_validate(vm)
+    vm = {**vm, "metadata": {**vm["metadata"], "namespace": "default", "uid": "u"}}
+    plan = podspec.prepare(vm).plan
+    claims = {r.claim: storage.claim_manifest(vm, plan, r) for r in plan.claims}
+    assert set(claims) == {"root-dbvm", "data-dbvm"} and all(r.template is not None for r in plan.claims)
+    for c in claims.values():
+        assert c["metadata"]["ownerReferences"][0]["uid"] == "u"
+    pod = podspec.render(vm, claims)
+    parsed = va.VMAnnotations.from_pod_annotations(pod["metadata"]["annotations"])
+    assert [(d.name, d.source, d.root) for d in parsed.disks] == [
+        ("root", "volume", True), ("data", "device", False), ("scratch", "emptyDisk", False)]
+    mounts = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts == {f"{storage.DISK_DIR}/root", "/etc/app"}
+    config = _get("ConfigMap", "dbvm-config")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["app-config"]["configMap"]["name"] == config["metadata"]["name"]
 
 
 def test_node_containers_see_pod_volumes_and_each_others_shares():
