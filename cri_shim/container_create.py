@@ -220,7 +220,8 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
         with _step("cannot write the VM's cloud-init disk"):
             write_file_atomic(files.cloud_init_iso, cloudinit.build_iso_for(data))
 
-        disks = [*root, Disk(str(files.cloud_init_iso), cloud_init_target, bus=bus, format="raw", readonly=True),
+        disks = [*root, Disk(str(files.cloud_init_iso), cloud_init_target, bus=bus, format="raw", readonly=True,
+                             no_backing=True),
                  *(d.disk() for d in attached_disks if not d.root)]
         spec = DomainSpec(
             name=domain, uuid=domain_uuid, memory_kib=memory_mib * 1024, vcpus=vcpus,

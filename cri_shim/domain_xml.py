@@ -54,6 +54,9 @@ class Disk:
     boot_order: int | None = None
     slice_offset: int | None = None
     slice_size: int | None = None
+    # An empty <backingStore/>: QEMU opens no backing file whatever the image's header says by then
+    # (a qcow2 disk.img on a volume another pod can rewrite; vmlet's own disks never have one).
+    no_backing: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ def _disk(devices: ET.Element, disk: Disk) -> None:
         if disk.slice_size is not None:
             bounds["size"] = str(disk.slice_size)
         _sub(_sub(source, "slices"), "slice", type="storage", **bounds)
+    if disk.no_backing:
+        _sub(el, "backingStore")
     _sub(el, "target", dev=disk.target, bus=disk.bus)
     if disk.readonly or disk.device == "cdrom":
         _sub(el, "readonly")

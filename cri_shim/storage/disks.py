@@ -80,7 +80,8 @@ class Attached:
     def disk(self) -> Disk:
         return Disk(self.path, self.target, bus=self.bus, format=self.format, readonly=self.readonly,  # type: ignore[arg-type]
                     serial=self.serial, source=self.source, cache=self.cache, io=self.io,  # type: ignore[arg-type]
-                    boot_order=self.boot_order, slice_offset=self.slice_offset, slice_size=self.slice_size)
+                    boot_order=self.boot_order, slice_offset=self.slice_offset, slice_size=self.slice_size,
+                    no_backing=True)
 
 
 # ------------------------------------------------------------------ plan

@@ -47,8 +47,16 @@ def make_hostile_images(directory: Path) -> dict[str, Path]:
 
     # Encrypted: the runtime has no key, and LUKS headers make qemu-img work hard.
     out["encrypted"] = directory / "encrypted.qcow2"
-    _qemu_img("create", "--object", "secret,id=sec0,data=vmlet", "-f", "qcow2",
-              "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(out["encrypted"]), "1M")
+    # qemu-img's PBKDF benchmark fails now and then ("Unable to get accurate CPU usage") when its first round
+    # takes under a millisecond of CPU: retried.
+    for attempt in range(20):
+        try:
+            _qemu_img("create", "--object", "secret,id=sec0,data=vmlet", "-f", "qcow2", "-o",
+                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(out["encrypted"]), "1M")
+            break
+        except subprocess.CalledProcessError as e:
+            if b"accurate CPU usage" not in (e.stderr or b"") or attempt == 19:
+                raise
 
     # A 4 MiB file claiming 256 TiB of virtual size.
     out["huge"] = directory / "huge.qcow2"

@@ -106,7 +106,8 @@ def test_block_disks_slices_cache_io_and_boot_order():
     root = ET.fromstring(build_domain_xml(spec(disks=[
         Disk("/dev/loop7", "vda", source="block", format="raw", serial="root", boot_order=1,
              slice_offset=1048576, slice_size=267386880, cache="writeback", io="threads"),
-        Disk("/var/lib/vmlet/vms/x/disks/data", "vdb", format="raw", serial="data", readonly=True),
+        Disk("/var/lib/vmlet/vms/x/disks/data", "vdb", format="qcow2", serial="data", readonly=True,
+             no_backing=True),
     ])))
     first, second = root.findall("devices/disk")
     assert first.get("type") == "block" and first.find("source").get("dev") == "/dev/loop7"
@@ -117,6 +118,8 @@ def test_block_disks_slices_cache_io_and_boot_order():
     assert second.get("type") == "file" and second.find("source").get("file").endswith("/disks/data")
     assert second.find("readonly") is not None and second.findtext("serial") == "data"
     assert second.find("boot") is None and second.find("driver").get("cache") == "none"
+    assert second.find("backingStore") is not None and len(second.find("backingStore")) == 0
+    assert first.find("backingStore") is None
 
 
 def test_without_boot_order_the_domain_boots_from_the_first_disk():

@@ -358,3 +358,39 @@ def test_bad_disks_are_refused_naming_the_field_and_leave_nothing(client, vmlet,
         assert not pod_volumes._mountpoints_under(vmlet_dir)
     assert (hostile / "disk.img").is_symlink() and os.readlink(hostile / "disk.img") == "/etc/passwd"
     assert not (small / "disk.img").exists(), "a disk.img the file system cannot hold is not created"
+
+
+def test_a_qcow2_on_a_volume_rewritten_with_a_backing_file_before_start_is_refused(
+        client, vmlet, vmlet_dir, pulled, libvirt_conn):
+    """The user's qcow2 disk.img is accepted at create; another pod sharing the volume then points its header at a
+    host file. StartContainer checks the image again and refuses; the domain never names a backing file anyway."""
+    rt = client.runtime
+    vol = vmlet_dir / "pv" / "q"
+    vol.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vol / "disk.img"), "32M"], check=True)
+    sb, req = _request(rt, vmlet_dir, {"vmlet.dev/disks": "- {name: q, volume: /vmlet/disks/q}"},
+                       [api_pb2.Mount(container_path="/vmlet/disks/q", host_path=str(vol))])
+    cid = rt.CreateContainer(req, timeout=120).container_id
+    info = status_info(rt, cid)
+    assert next(d for d in info["disks"] if d["name"] == "q")["format"] == "qcow2"
+    dom = ET.fromstring(libvirt_conn.lookupByName(info["domain"]).XMLDesc(0))
+    disk = next(d for d in dom.iterfind("devices/disk") if d.findtext("serial") == "q")
+    assert disk.find("backingStore") is not None and len(disk.find("backingStore")) == 0
+    # The create's bind of disk.img stays until the VM runs and stops; another pod rewrites the file meanwhile.
+    subprocess.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw",
+                    str(vol / "disk.img")], check=True)
+    pod_volumes.unmount_under(Path(info["vmDir"]) / "disks")  # as after a host reboot: start binds it again
+    with pytest.raises(grpc.RpcError) as e:
+        rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=120)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "backing" in e.value.details(), e.value.details()
+    status = rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid)).status
+    assert status.state == api_pb2.CONTAINER_EXITED and status.reason == "StartError"
+    # A new container on the volume now is refused at create.
+    sb2, req2 = _request(rt, vmlet_dir, {"vmlet.dev/disks": "- {name: q, volume: /vmlet/disks/q}"},
+                         [api_pb2.Mount(container_path="/vmlet/disks/q", host_path=str(vol))])
+    with pytest.raises(grpc.RpcError) as e:
+        rt.CreateContainer(req2, timeout=120)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "backing" in e.value.details()
+    for s in (sb, sb2):
+        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=s), timeout=60)
+    assert not domains(libvirt_conn) and not pod_volumes._mountpoints_under(vmlet_dir)

@@ -100,3 +100,97 @@ def test_values_that_reach_the_vm_definition(fuzzer, change):
         return names_what_was_wrong(rpc, request, answer, path, value) if mine else []
 
     fuzzer.check([(R["RunPodSandbox"], run)], follow=follow, extra=named)
+
+
+# ------------------------------------------------------------------ the pod's disks (vmlet.dev/disks + devices)
+
+DISK_PATHS = ["/vmlet/v0", "/vmlet/v1", "/vmlet/cfg", "/dev/d0", "/dev/d1", "/nowhere", "relative", "/vmlet/v0/"]
+DISK_VALUES = {
+    "bus": ["virtio", "scsi", "sata", "SCSI", "ide", "", 3],
+    "cache": ["none", "writeback", "unsafe", "directsync", "bogus"],
+    "io": ["native", "threads", "io_uring", "aio"],
+    "bootOrder": [1, 2, 0, -1, 1001, "2", True],
+    "readonly": [True, False, "true", "maybe"],
+    "root": [True, False, "TRUE", 1],
+    "serial": ["s1", "s2", "a" * 21, "bad serial", "\x01"],
+    "capacity": ["1Mi", "16Mi", "1Pi", "0", "-1Mi", "1.5", "lots", 1048576],
+}
+
+
+@st.composite
+def disk_entry(draw):
+    entry = {"name": draw(st.sampled_from(["a", "b", "data", "root", "-bad", "x" * 64])
+                          | hostile_text())}
+    for source in draw(st.lists(st.sampled_from(["volume", "device", "configVolume", "emptyDisk"]),
+                                min_size=0, max_size=2, unique=True)):
+        if source == "emptyDisk":
+            entry[source] = draw(st.sampled_from([{"capacity": "8Mi"}, {"capacity": "1Pi"}, {"capacity": "x"}, {},
+                                                  "8Mi", {"capacity": "8Mi", "more": 1}]))
+        else:
+            entry[source] = draw(st.sampled_from(DISK_PATHS) | hostile_text())
+    for key in draw(st.lists(st.sampled_from(sorted(DISK_VALUES)), max_size=3, unique=True)):
+        entry[key] = draw(st.sampled_from(DISK_VALUES[key]))
+    if draw(st.booleans()):
+        entry[draw(st.sampled_from(["bogus", "Bus", "size"]))] = "x"
+    return entry
+
+
+@st.composite
+def disks_request(draw):
+    import yaml
+    entries = draw(st.lists(disk_entry(), max_size=4))
+    text = draw(st.sampled_from(["yaml", "yaml", "yaml", "garbage"]))
+    annotation = yaml.safe_dump(entries) if text == "yaml" else draw(st.sampled_from(
+        ["{", "- [", "not a list", "- 1\n- 2", "&a [*a]", "- name: a\n  volume: /vmlet/v0\n" * 40]))
+    devices = draw(st.lists(st.tuples(st.sampled_from(["/dev/d0", "/dev/d1", "/dev/d0", "rel"]),
+                                      st.sampled_from(["/dev/null", "file", "missing", "relative", "dir"]),
+                                      st.sampled_from(["rw", "r", "mrw", "", "w", "rwx"])), max_size=2))
+    extra = draw(st.sampled_from([{}, {}, {"VirtletRootVolumeSize": "1Gi"}, {"vmlet.dev/root-reimage": "true"},
+                                  {"VirtletDiskDriver": "scsi"}]))
+    return annotation, devices, extra
+
+
+def _disk_fields_named(rpc, request, answer) -> list[str]:
+    if rpc.name != "CreateContainer" or answer.code != calls.IA:
+        return []
+    if any(n in answer.details for n in ("vmlet.dev/disks", "config.devices", "config.mounts",
+                                         "VirtletRootVolumeSize", "VirtletDiskDriver")):
+        return []
+    return [f"CreateContainer: INVALID_ARGUMENT for a disk does not name the field: {answer.details[:300]!r}"]
+
+
+@settings(max_examples=examples(30))
+@given(req=disks_request())
+def test_disks_of_the_pod(fuzzer, req):
+    """Random `vmlet.dev/disks` entries against random mounts and devices: every refusal names its field,
+    nothing answers INTERNAL, and whatever is accepted is a VM whose status can be read (and nothing leaks:
+    the fuzzer's host watch covers domains, mounts and files)."""
+    annotation, devices, extra = req
+    live = fuzzer.live
+    base = live.log_dir / "fuzz-disks"
+    for d in ("v0", "v1", "cfg", "dir"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "cfg" / "key").write_text("value\n")
+    (base / "file").write_bytes(b"\0" * 4096)
+    pod = live.pod_config()
+    pod.annotations.update({"vmlet.dev/disks": annotation, **extra})
+    container = live.container_config()
+    for name in ("v0", "v1", "cfg"):
+        container.mounts.add(container_path=f"/vmlet/{name}", host_path=str(base / name), readonly=name == "cfg")
+    hosts = {"/dev/null": "/dev/null", "file": str(base / "file"), "missing": str(base / "missing"),
+             "relative": "relative/dev", "dir": str(base / "dir")}
+    for cpath, host, perms in devices:
+        container.devices.add(container_path=cpath, host_path=hosts[host], permissions=perms)
+    run = api_pb2.RunPodSandboxRequest(config=pod)
+    create = api_pb2.CreateContainerRequest(config=container, sandbox_config=pod)
+
+    def follow(answer):
+        if answer.rpc.name == "RunPodSandbox" and answer.code == calls.OK:
+            create.pod_sandbox_id = answer.response.pod_sandbox_id
+            return [(R["CreateContainer"], create)]
+        if answer.rpc.name == "CreateContainer" and answer.code == calls.OK:
+            return [(R["ContainerStatus"], api_pb2.ContainerStatusRequest(
+                container_id=answer.response.container_id, verbose=True))]
+        return []
+
+    fuzzer.check([(R["RunPodSandbox"], run)], follow=follow, extra=_disk_fields_named)
