@@ -34,11 +34,21 @@ KOPF: dict[tuple[str, str, str], str] = {
     ("", "pods", "list"): "kopf: list+watch VM pods",
     ("", "pods", "watch"): "kopf: list+watch VM pods",
     ("", "events", "create"): "kopf.event(): transitions as Kubernetes events",
+    ("", "persistentvolumeclaims", "list"): "kopf: list+watch claims (one that appears wakes the VMs waiting for it)",
+    ("", "persistentvolumeclaims", "watch"): "kopf: list+watch claims",
     ("kopf.dev", "clusterkopfpeerings", "list"): "kopf peering (one active controller)",
     ("kopf.dev", "clusterkopfpeerings", "watch"): "kopf peering",
     ("kopf.dev", "clusterkopfpeerings", "patch"): "kopf peering",
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf: resource scanning",
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf: resource scanning",
+}
+
+
+# Not a call, but what the API server checks when one is made: an owner reference with
+# blockOwnerDeletion (the pod's, the claims') needs update on the owner's finalizers subresource where
+# the OwnerReferencesPermissionEnforcement admission plugin runs.
+ADMISSION: dict[tuple[str, str, str], str] = {
+    (types.GROUP, f"{types.PLURAL}/finalizers", "update"): "blockOwnerDeletion in the pod's and claims' owner references",
 }
 
 
@@ -141,6 +151,37 @@ class Kube:
                 raise Conflict(f"pod {name}: uid precondition failed") from None
             raise
 
+    # -- persistent volume claims
+    @uses("", "persistentvolumeclaims", "get")
+    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _json(self.core.read_namespaced_persistent_volume_claim(name, namespace, **self._opts))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    @uses("", "persistentvolumeclaims", "create")
+    def create_pvc(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return _json(self.core.create_namespaced_persistent_volume_claim(
+                manifest["metadata"]["namespace"], manifest, **self._opts))
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"persistentvolumeclaim {manifest['metadata']['name']} already exists") from None
+            raise
+
+    @uses("", "persistentvolumeclaims", "patch")
+    def patch_pvc(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch; Conflict when it names a resourceVersion that is not the claim's any more."""
+        try:
+            return _json(self.core.patch_namespaced_persistent_volume_claim(
+                name, namespace, patch, _content_type=MERGE, **self._opts))
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"persistentvolumeclaim {name} changed meanwhile") from None
+            raise
+
     # -- virtual machines
     @uses(types.GROUP, types.PLURAL, "get")
     def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -187,5 +228,6 @@ VMCTL_ONLY = ("Kube.list_vms",)
 
 
 def controller_permissions() -> dict[tuple[str, str, str], str]:
-    """(group, resource, verb) the controller calls: kopf's needs and the Kube methods it uses."""
-    return {**KOPF, **{k: v for k, v in USED.items() if v not in VMCTL_ONLY}}
+    """(group, resource, verb) the controller needs: kopf's calls, the Kube methods it uses, and what
+    admission checks on its writes."""
+    return {**KOPF, **ADMISSION, **{k: v for k, v in USED.items() if v not in VMCTL_ONLY}}

@@ -8,7 +8,10 @@ Shape — a controller-runtime style work queue made of kopf parts:
   burst of events collapses into one pass; a failing pass is retried with
   exponential back-off (API errors never crash-loop the controller).
 * `@kopf.on.event` for VMs and for VM pods (label `vmlet.dev/vm`) only wake the
-  worker of the VM concerned.
+  worker of the VM concerned; so do events of claims (all of them: a claim the
+  user makes later carries no label of ours), routed by the claim names each
+  VM's last pass read. That is how a VM waiting for a missing claim proceeds
+  the moment it appears, without polling (the 60 s resync is the backstop).
 * `@kopf.on.delete` deletes the pod and holds kopf's finalizer until it is gone
   (printableStatus Terminating meanwhile).
 
@@ -52,6 +55,24 @@ class Context:
     # the pod afterwards would leave a pod behind for a deleted VM.
     locks: dict[tuple[str, str], threading.Lock] = dataclasses.field(default_factory=dict)
     passes: int = 0  # reconcile passes done (the benchmark reads it)
+    # (namespace, claim) -> names of the VMs whose volumes name it, from each VM's last pass: wake-up
+    # routing only, rebuilt by the passes after a restart (every VM's worker makes one at once).
+    claim_users: dict[tuple[str, str], set[str]] = dataclasses.field(default_factory=dict)
+    vm_claims: dict[tuple[str, str], tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def note_claims(self, namespace: str, name: str, claims: tuple[str, ...]) -> None:
+        """Route the events of these claims (and no others) to the VM's worker."""
+        old = self.vm_claims.pop((namespace, name), ())
+        for c in old:
+            users = self.claim_users.get((namespace, c))
+            if users is not None:
+                users.discard(name)
+                if not users:
+                    del self.claim_users[(namespace, c)]
+        if claims:
+            self.vm_claims[(namespace, name)] = claims
+            for c in claims:
+                self.claim_users.setdefault((namespace, c), set()).add(name)
     # The threads passes and finalizations run in: our own pool, not asyncio's default one (6 threads
     # on 2 cores, shared with kopf), so a few passes hung on the API server cannot stall every VM.
     # operator.run() makes it and shuts it down.
@@ -164,6 +185,15 @@ async def pod_event(namespace: str, labels: dict[str, str], memo: Any, type: str
             log.warning("cannot check the pod of VM %s/%s for its owner: %s", namespace, vm_name, reconcile.short(e))
 
 
+@kopf.on.event("v1", "persistentvolumeclaims")
+async def claim_event(namespace: str, name: str, labels: dict[str, str], memo: Any, **_: Any) -> None:
+    ctx = _ctx(memo)
+    for vm_name in list(ctx.claim_users.get((namespace or "", name or ""), ())):
+        _wake(memo, namespace, vm_name)
+    if labels.get(podspec.LABEL_VM):  # made from a template: its VM, whatever it read last
+        _wake(memo, namespace, labels[podspec.LABEL_VM])
+
+
 @kopf.daemon(types.GROUP, types.VERSION, types.PLURAL, cancellation_timeout=2.0)
 async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger, **_: Any) -> None:
     ctx = _ctx(memo)
@@ -178,6 +208,7 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
                 res = await ctx.locked(key, reconcile.reconcile_once, ctx.kube, namespace, name, ctx.opts,
                                        time.time())
                 ctx.passes += 1
+                ctx.note_claims(namespace, name, res.claims)
                 if res.vm is not None:
                     for type_, reason, message in res.events:
                         kopf.event(res.vm, type=type_, reason=reason, message=message)
@@ -202,6 +233,7 @@ async def vm_worker(namespace: str, name: str, memo: Any, logger: logging.Logger
     finally:
         if ctx.wakeups.get(key) is wake:
             del ctx.wakeups[key]
+            ctx.note_claims(namespace, name, ())
 
 
 @kopf.on.delete(types.GROUP, types.VERSION, types.PLURAL)

@@ -7,6 +7,12 @@ Every write is idempotent or guarded: the pod name is deterministic (a second
 create gets 409), deletes carry the pod uid as a precondition, VM patches carry
 the resourceVersion. Order of writes matters for crash safety: status first
 (it records what was done), then the request queue (which says what is left).
+
+Claims: a pass reads every claim the spec's volumes name, first creating the
+ones its volumeClaimTemplates make (a 409 means another pass or controller was
+first: read it again), so they exist before the pod; their owner references
+follow the retention policy. A claim that is missing or not usable yet holds
+the pod back (storage.report says why); the claim's watch event wakes the VM.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from vmapi import podspec, requests, status as vmstatus, strategy, types
+from vmapi import podspec, requests, status as vmstatus, storage, strategy, types
 from vmapi.client import Conflict, Kube
 
 log = logging.getLogger(__name__)
 
 # printableStatus values announced as Warning events.
 WARNING_STATES = ("CrashLoopBackOff", "ErrorUnschedulable", "ErrImagePull", "ImagePullBackOff",
-                  "ErrorInvalidSpec", "Unknown")
+                  "ErrorInvalidSpec", "ErrorPvcNotFound", "Unknown")
+# printableStatus values whose event says why (the Ready condition's message).
+EXPLAINED_STATES = ("ErrorPvcNotFound", "WaitingForVolumeBinding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Result:
     error: str | None = None  # an API call failed: retry with back-off
     retry_after: float | None = None  # ...not before this many seconds (the server's Retry-After)
     wrote: int = 0  # API writes made (for the benchmark and tests)
+    claims: tuple[str, ...] = ()  # the claims the VM's volumes name (their events wake it)
 
 
 def _pod_view(vm: dict[str, Any], pod: dict[str, Any] | None) -> strategy.PodView | None:
@@ -71,11 +80,25 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
     raw_status = vm.get("status") if isinstance(vm.get("status"), dict) else {}
     prev = vmstatus.sanitize(raw_status)
 
-    manifest, spec_error = None, None
+    result = Result(vm=vm)
+    prepared, spec_error = None, None
     try:
-        manifest = podspec.render(vm)
+        prepared = podspec.prepare(vm)
     except podspec.SpecError as e:
         spec_error = str(e)
+    claims: dict[str, Any] = {}
+    claim_error = None
+    volumes = None
+    manifest = None
+    if prepared is not None:
+        result.claims = tuple(r.claim for r in prepared.plan.claims)
+        claims, claim_error = sync_claims(kube, vm, prepared.plan, result)
+        volumes = storage.report(prepared.plan, claims, vm)
+        if not volumes.unavailable:
+            try:
+                manifest = podspec.render(vm, claims, prepared=prepared)
+            except podspec.SpecError as e:
+                spec_error = str(e)
     # Missing: the CRD's default (an API server fills it in). Invalid: no pod, and render() said why.
     rs = spec.get("runStrategy", "Always") if spec.get("runStrategy", "Always") in types.RUN_STRATEGIES else None
     reqs, requests_error = requests.parse(meta.get("annotations"))
@@ -87,8 +110,7 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
         last_pod_phase=prev.get("podPhase"), start_failure=vmstatus.start_failure_of(prev),
         now=now, backoff_base=opts.backoff_base, backoff_cap=opts.backoff_cap,
     ))
-    result = Result(vm=vm)
-    acted, created, action_error = True, False, None
+    acted, created, action_error = True, False, claim_error
     try:
         if decision.action == "create" and manifest is not None:
             try:
@@ -117,7 +139,8 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
 
     current_hash = podspec.template_hash(spec)
     new = vmstatus.derive(vm, pod, decision, now=now, current_hash=current_hash, spec_error=spec_error,
-                          action_error=action_error, requests_error=requests_error, acted=acted, created=created)
+                          action_error=action_error, requests_error=requests_error, acted=acted, created=created,
+                          volumes=volumes)
     patch = vmstatus.changed(raw_status, new)
     latest = vm
     if patch:
@@ -143,6 +166,41 @@ def reconcile_once(kube: Kube, namespace: str, name: str, opts: Options, now: fl
     return result
 
 
+def sync_claims(kube: Kube, vm: dict[str, Any], plan: storage.Plan,
+                result: Result) -> tuple[dict[str, Any], str | None]:
+    """The claims the plan names, by name (None: not there), after creating the missing ones that
+    templates make and fixing the owner references of the ones they made. An API error on a write is
+    returned (the pass goes on and reports it); a failed read raises, as the pod's does."""
+    ns = vm["metadata"]["namespace"]
+    claims: dict[str, Any] = {}
+    error = None
+    for ref in plan.claims:
+        claim = kube.get_pvc(ns, ref.claim)
+        try:
+            if claim is None and ref.template is not None:
+                try:
+                    claim = kube.create_pvc(storage.claim_manifest(vm, plan, ref))
+                    result.wrote += 1
+                    result.events.append(("Normal", "SuccessfulCreate", f"created PersistentVolumeClaim {ref.claim}"))
+                except Conflict:  # made meanwhile (a pass of another controller, or a create that timed out)
+                    claim = kube.get_pvc(ns, ref.claim)
+            elif claim is not None and ref.template is not None:
+                patch = storage.owner_patch(vm, plan, claim)
+                if patch is not None:
+                    try:
+                        claim = kube.patch_pvc(ns, ref.claim, patch)
+                        result.wrote += 1
+                    except Conflict:  # changed meanwhile: the next pass looks again
+                        result.requeue_after = 0.5
+        except ApiException as e:
+            error = error or f"{'create' if claim is None else 'patch'} persistentvolumeclaim {ref.claim}: {short(e)}"
+            result.error = error
+            result.retry_after = retry_after(e)
+            result.events.append(("Warning", "FailedCreate" if claim is None else "FailedUpdate", error))
+        claims[ref.claim] = claim
+    return claims, error
+
+
 def _annotation(meta: dict[str, Any]) -> Any:
     ann = meta.get("annotations")
     return ann.get(requests.ANNOTATION) if isinstance(ann, dict) else None
@@ -154,7 +212,12 @@ def _transition_events(prev: dict[str, Any], new: dict[str, Any]) -> list[tuple[
     if old_ps != new_ps:
         where = f" on node {new['nodeName']}" if new.get("nodeName") else ""
         kind = "Warning" if new_ps in WARNING_STATES else "Normal"
-        events.append((kind, new_ps or "Unknown", f"VM is {new_ps}{where} (was {old_ps or 'new'})"))
+        why = ""
+        if new_ps in EXPLAINED_STATES:
+            ready = next((c for c in new["conditions"] if c["type"] == "Ready"), {})
+            pending = [s["message"] for s in new.get("volumeStatus") or [] if s.get("reason") == "WaitingForVolumeBinding"]
+            why = ": " + ("; ".join(pending) if new_ps == "WaitingForVolumeBinding" else ready.get("message", ""))
+        events.append((kind, new_ps or "Unknown", f"VM is {new_ps}{where} (was {old_ps or 'new'}){why}"[:1024]))
     old_c = {c["type"]: c for c in prev.get("conditions") or [] if isinstance(c, dict) and "type" in c}
     for c in new["conditions"]:
         if c["type"] in ("RestartRequired", "Failure") and old_c.get(c["type"], {}).get("message") != c["message"]:

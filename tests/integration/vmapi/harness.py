@@ -216,6 +216,9 @@ def write_kubeconfig(server: kmock.KubernetesEmulator, path: Path) -> Path:
     return path
 
 
+WATCHED = (types.PLURAL, "pods", "persistentvolumeclaims")  # what the operator watches
+
+
 def watches(server: kmock.KubernetesEmulator, plural: str) -> int:
     return sum(1 for r in server.log
                if r.action == kmock.action.WATCH and r.resource is not None and r.resource.plural == plural)
@@ -236,10 +239,10 @@ class Operator:
         self.memo = None
 
     async def start(self) -> "Operator":
-        vms, pods = watches(self.server, types.PLURAL), watches(self.server, "pods")
+        before = {p: watches(self.server, p) for p in WATCHED}
         await self.start_unobserved()
         # kopf's ready flag fires before its watches connect: wait for the WATCH requests.
-        await wait_for(lambda: watches(self.server, types.PLURAL) > vms and watches(self.server, "pods") > pods,
+        await wait_for(lambda: all(watches(self.server, p) > n for p, n in before.items()),
                        timeout=10, what="kopf's watches")
         return self
 
@@ -389,6 +392,41 @@ class Cluster:
 
     async def delete_pod(self, vm_name: str) -> None:
         await self.call(self.kube.delete_pod, NS, podspec.pod_name(vm_name))
+
+    # -- claims: the user's part, and the PV controller's (kmock has none)
+    async def create_claim(self, name: str, size: str = "1Gi", mode: str | None = None,
+                           phase: str | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+        if mode:
+            spec["volumeMode"] = mode
+        body = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name, "namespace": NS}, "spec": spec}
+        resp = await self.call(self.core.create_namespaced_persistent_volume_claim, NS, body, _preload_content=False)
+        claim = json.loads(resp.data)
+        if phase:
+            claim = await self.bind_claim(name, phase)
+        return claim
+
+    async def claim(self, name: str) -> dict[str, Any] | None:
+        return await self.call(self.kube.get_pvc, NS, name)
+
+    async def wait_claim(self, name: str, timeout: float = 5.0) -> dict[str, Any]:
+        return await wait_for(lambda: self.claim(name), timeout, f"claim {name}")
+
+    async def bind_claim(self, name: str, phase: str = "Bound", capacity: str | None = None) -> dict[str, Any]:
+        """What the PV controller does: the claim's phase (and the bound volume's capacity)."""
+        claim = await self.claim(name)
+        assert claim is not None, name
+        status: dict[str, Any] = {"phase": phase}
+        if phase == "Bound":
+            status.update(accessModes=claim["spec"]["accessModes"],
+                          capacity={"storage": capacity or claim["spec"]["resources"]["requests"]["storage"]})
+        resp = await self.call(self.core.patch_namespaced_persistent_volume_claim_status, name, NS,
+                               {"status": status}, _content_type=MERGE, _preload_content=False)
+        return json.loads(resp.data)
+
+    async def delete_claim(self, name: str) -> None:
+        await self.call(self.core.delete_namespaced_persistent_volume_claim, name, NS, _preload_content=False)
 
     async def events(self, reason: str | None = None) -> list[dict[str, Any]]:
         resp = await self.call(self.core.list_namespaced_event, NS, _preload_content=False)
