@@ -24,16 +24,20 @@ A failure prints the seed, round and kill point to replay it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
 
 from cri_shim.network import dhcp, links, netns
+from cri_shim.storage import pod_volumes
 from cri_shim.network.names import netns_name, owner_tag
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
@@ -48,6 +52,8 @@ ROUNDS = int(os.environ.get("VMLET_KILL_ROUNDS", 100 if LONG else 20))  # per bi
 STEPS = ("PullImage", "RunPodSandbox", "CreateContainer", "StartContainer", "StopContainer", "RemoveContainer",
          "StopPodSandbox", "RemovePodSandbox")
 CALL_TIMEOUT = 120
+MIB = 1024 * 1024
+DISK_ROUNDS = int(os.environ.get("VMLET_KILL_ROUNDS", 40 if LONG else 12))
 
 
 @dataclass
@@ -56,6 +62,60 @@ class Pod:
     sandbox_id: str = ""
     container_id: str = ""
     seen_sandboxes: set[str] = field(default_factory=set)
+    mounts: list = field(default_factory=list)
+    devices: list = field(default_factory=list)
+
+
+class Volumes:
+    """The "disks" rounds' stand-ins for PVs: a data block device and a filesystem volume that every pod gets,
+    and for each pod a blank block device for its persistent root (so a kill can land inside the import)."""
+
+    ANNOTATION = "\n".join([
+        "- {name: root, device: /dev/vmlet/root, root: true}",
+        "- {name: blk, device: /dev/vmlet/blk}",
+        "- {name: vol, volume: /vmlet/disks/vol, capacity: 16Mi}",
+        "- {name: scratch, emptyDisk: {capacity: 16Mi}}",
+        "- {name: cfg, configVolume: /vmlet/config/cfg}",
+    ])
+    MARK = b"KEEP-this-data\n"
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.loops: list[Path] = []
+        self.blk = self._loop("blk.img", 16 * MIB)
+        with open(self.blk, "r+b") as f:
+            f.write(self.MARK)
+        self.vol = root / "vol"
+        self.vol.mkdir()
+        self.cfg = root / "cfg"
+        self.cfg.mkdir()
+        (self.cfg / "key").write_text("value\n")
+
+    def _loop(self, name: str, size: int) -> Path:
+        backing = self.root / name
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        dev = Path(subprocess.run(["losetup", "-f", "--show", str(backing)], check=True, capture_output=True,
+                                  text=True).stdout.strip())
+        self.loops.append(dev)
+        return dev
+
+    def for_pod(self, pod: Pod, n: int) -> None:
+        pod.config.annotations["vmlet.dev/disks"] = self.ANNOTATION
+        root = self._loop(f"root-{n}.img", 128 * MIB)
+        pod.devices = [api_pb2.Device(container_path="/dev/vmlet/root", host_path=str(root), permissions="rw"),
+                       api_pb2.Device(container_path="/dev/vmlet/blk", host_path=str(self.blk), permissions="rw")]
+        pod.mounts = [api_pb2.Mount(container_path="/vmlet/disks/vol", host_path=str(self.vol)),
+                      api_pb2.Mount(container_path="/vmlet/config/cfg", host_path=str(self.cfg), readonly=True)]
+
+    def check_kept(self, where: str) -> None:
+        with open(self.blk, "rb") as f:
+            assert f.read(len(self.MARK)) == self.MARK, f"{where}: the data volume was written by vmlet"
+
+    def close(self) -> None:
+        for dev in self.loops:
+            subprocess.run(["losetup", "-d", str(dev)], check=False)
 
 
 class Node:
@@ -144,6 +204,8 @@ def check_agrees(node: Node, conn, where: str) -> None:
         problems.append(f"host links of unknown sandboxes: {sorted(extra)}")
     if extra := node.holders() - cids:
         problems.append(f"image holders that are no containers: {sorted(extra)}")
+    if extra := node.dirs("pods") - sids:
+        problems.append(f"pod directories (emptyDisks) of unknown sandboxes: {sorted(extra)}")
     assert not problems, f"{where}: " + "; ".join(problems) + "\n" + node.vmlet.log()[-3000:]
 
 
@@ -158,6 +220,8 @@ def check_nothing_left(node: Node, conn, pods: list[Pod], where: str) -> None:
         "dnsmasq": sorted(node.dnsmasq_sandboxes()),
         "pod IPs": node.net.allocated_ips(),
         "image holders": sorted(node.holders()),
+        "pod dirs": sorted(node.dirs("pods")),
+        "mounts": sorted(pod_volumes._mountpoints_under(node.vmlet.state_dir)),
     }
     assert not any(left.values()), f"{where}: left behind: { {k: v for k, v in left.items() if v} }"
 
@@ -176,9 +240,11 @@ class Lifecycle:
         if step == "RunPodSandbox":
             return rt.RunPodSandbox.future(api_pb2.RunPodSandboxRequest(config=pod.config), timeout=CALL_TIMEOUT)
         if step == "CreateContainer":
+            config = cri.container_config(TESTVM)
+            config.mounts.extend(pod.mounts)
+            config.devices.extend(pod.devices)
             return rt.CreateContainer.future(api_pb2.CreateContainerRequest(
-                pod_sandbox_id=pod.sandbox_id, config=cri.container_config(TESTVM), sandbox_config=pod.config),
-                timeout=CALL_TIMEOUT)
+                pod_sandbox_id=pod.sandbox_id, config=config, sandbox_config=pod.config), timeout=CALL_TIMEOUT)
         if step == "StartContainer":
             return rt.StartContainer.future(api_pb2.StartContainerRequest(container_id=pod.container_id),
                                             timeout=CALL_TIMEOUT)
@@ -264,15 +330,30 @@ class Lifecycle:
         assert not rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
 
 
-@pytest.mark.parametrize("binding", ["bridge", "masquerade"])
+@pytest.mark.parametrize("binding", ["bridge", "masquerade", "disks"])
 def test_sigkill_at_random_instants_in_every_lifecycle_rpc(vmlet_factory, vmlet_dir, test_network, libvirt_conn,
                                                            binding):
+    """"disks": bridge pods with every kind of disk (docs/storage.md), each with a blank persistent root, so
+    kills land in the import, the binds and the emptyDisk's life too; the data volume must never change."""
+    with contextlib.ExitStack() as stack:
+        volumes = None
+        if binding == "disks":
+            volumes = Volumes(vmlet_dir / "pv")
+            stack.callback(volumes.close)
+        _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding, volumes)
+
+
+def _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding: str, volumes: Volumes | None):
     rng = random.Random(f"{SEED}-{binding}")
     node = Node(vmlet_factory(), test_network)
+    rounds = DISK_ROUNDS if volumes else ROUNDS
 
     def new_pod(n: int) -> Pod:
-        return Pod(cri.pod_config(name=f"kill-{binding[:4]}-{n}", log_directory=str(vmlet_dir / "pods" / str(n)),
-                                  annotations={"vmlet.dev/network-binding": binding}))
+        pod = Pod(cri.pod_config(name=f"kill-{binding[:4]}-{n}", log_directory=str(vmlet_dir / "pods" / str(n)),
+                                 annotations={"vmlet.dev/network-binding": "bridge" if volumes else binding}))
+        if volumes:
+            volumes.for_pod(pod, n)
+        return pod
 
     # Calibration: one undisturbed lifecycle measures how long each RPC takes here, now.
     durations: dict[str, float] = {}
@@ -282,7 +363,7 @@ def test_sigkill_at_random_instants_in_every_lifecycle_rpc(vmlet_factory, vmlet_
     check_nothing_left(node, libvirt_conn, [calib.pod], "after the calibration lifecycle")
 
     pods = [calib.pod]
-    for n in range(1, ROUNDS + 1):
+    for n in range(1, rounds + 1):
         step = STEPS[(n - 1) % len(STEPS)] if n <= len(STEPS) else rng.choice(STEPS)
         after = rng.uniform(0, durations[step] * 1.3)
         where = f"seed {SEED} {binding} round {n}: SIGKILL {after * 1000:.0f} ms into {step}"
@@ -302,3 +383,5 @@ def test_sigkill_at_random_instants_in_every_lifecycle_rpc(vmlet_factory, vmlet_
             life.run("PullImage")
         life.finish()
         check_nothing_left(node, libvirt_conn, pods, where)
+        if volumes:
+            volumes.check_kept(where)
