@@ -112,6 +112,7 @@ def test_running_vm_survives_kill_and_restart_between_steps(vmlet_factory, vmlet
     ("run.after-network", "no-sandbox"),
     ("create.after-acquire", "gone"),
     ("create.after-overlay", "gone"),
+    ("create.after-disks", "gone"),
     ("create.after-define", "gone"),
     ("create.after-record", "created"),
     ("start.after-boot", "running"),
