@@ -176,3 +176,168 @@ async def test_a_virtual_machine_boots_on_the_node_and_stops(cluster, node, oper
     assert not agent.errors, agent.errors
     print(f"\nnode e2e: guest IP on its console {booted:.1f}s after the VirtualMachine was created; "
           f"after vmctl stop: {seen}")
+
+
+# ---------------------------------------------------------------- disks on claims (docs/storage.md)
+# Imports of the tests below (kept here: the tests above are another part's).
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import uuid  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+
+import kubernetes  # noqa: E402
+
+from tests.support import storage  # noqa: E402
+from tests.support.provisioner import Provisioner, leftover_volumes  # noqa: E402
+
+PVM = "pvm"
+# The guest prints what its block disk held (the previous pod's mark) and writes a new mark; the
+# ConfigMap is a virtio-fs share cloud-init mounted at /etc/app.
+PVM_SCRIPT = """#!/bin/sh
+@virtlet-mount-script@
+say() { echo "PVMTEST: $*"; }
+say cfg "$(cat /etc/app/greeting)"
+say before "$(dd if=/dev/vmlet/data bs=512 count=1 2>/dev/null | tr -d '\\000' | head -n1)"
+m="MARK-$(cat /proc/sys/kernel/random/uuid)"
+printf '%s\\n' "$m" | dd of=/dev/vmlet/data bs=512 count=1 conv=sync,fsync 2>/dev/null && say wrote "$m"
+"""
+
+
+@pytest_asyncio.fixture
+async def provisioner(server, kubeconfig, work_root):
+    """The stand-in provisioner for NODE, binding claims only when told (on_demand); its loop devices and
+    directories under a root of its own, checked and freed at teardown (after the node's agent: ask
+    for it before `node`)."""
+    root = work_root / f"e2e-pvs-{uuid.uuid4().hex[:8]}"
+    prov = Provisioner(kubeconfig, root, node_name=NODE, on_demand=True)
+    await asyncio.to_thread(prov.start)
+    try:
+        yield prov
+    finally:
+        try:
+            await asyncio.to_thread(prov.stop)
+            assert not leftover_volumes(root), leftover_volumes(root)
+        finally:
+            prov.close()
+            left = storage.release(root)
+            shutil.rmtree(root, ignore_errors=True)
+            assert not left, f"left behind: {left}"
+
+
+async def _get(cluster, fn, *args):
+    try:
+        return json.loads((await cluster.call(fn, *args, _preload_content=False)).data)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _says(path: Path, key: str) -> str | None:
+    m = None
+    for m in re.finditer(rf"stdout F PVMTEST: {key} ?(.*)$", path.read_text(errors="replace") if path.exists()
+                         else "", re.MULTILINE):
+        pass
+    return m.group(1) if m else None
+
+
+async def test_a_virtual_machine_keeps_its_claims_disks_across_pods(provisioner, cluster, node, operator,  # noqa: F811
+                                                                    kubeconfig, vmlet, libvirt_conn):
+    """volumeClaimTemplates → claims (Pending: the VM waits for them, its pod held by the kubelet) →
+    bound by the provisioner → a VM whose root is imported onto a claim, with a block claim as a disk
+    and a ConfigMap shared; after vmctl stop/start the new pod's guest finds what the old one wrote."""
+    agent = node
+    await cluster.call(cluster.core.create_namespaced_config_map, "default",
+                       {"metadata": {"name": "pvm-config", "namespace": "default"},
+                        "data": {"greeting": "hello-from-configmap"}}, _preload_content=False)
+    manifest = vm_manifest(
+        PVM, "Always", terminationGracePeriodSeconds=GRACE,
+        domain={"cpu": {"cores": 1}, "memory": {"guest": "256Mi"}, "rootDisk": {"image": TESTVM, "volume": "root"},
+                "disks": [{"name": "data"}], "filesystems": [{"name": "cfg", "mountPath": "/etc/app"}],
+                "interface": {"binding": "bridge"}},
+        volumes=[{"name": "root", "persistentVolumeClaim": {"claimName": "root"}},
+                 {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                 {"name": "cfg", "configMap": {"name": "pvm-config"}}],
+        cloudInit={"userData": PVM_SCRIPT})
+    manifest["spec"]["volumeClaimTemplates"] = [
+        {"metadata": {"name": "root"}, "spec": {"accessModes": ["ReadWriteOnce"],
+                                                "resources": {"requests": {"storage": "2Gi"}}}},
+        {"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                                                "resources": {"requests": {"storage": "16Mi"}}}}]
+    await cluster.create_vm_manifest(manifest)
+    claims = (f"root-{PVM}", f"data-{PVM}")
+
+    # Claims Pending: the VM says so, the pod waits for its volumes before any sandbox.
+    async def waiting_for_volumes():
+        st, pod = await cluster.status(PVM), await cluster.pod(PVM)
+        cs = ((pod or {}).get("status") or {}).get("containerStatuses") or [{}]
+        msg = ((cs[0].get("state") or {}).get("waiting") or {}).get("message") or ""
+        return (st, msg) if st.get("printableStatus") == "WaitingForVolumeBinding" and "FailedMount" in msg else None
+    st, msg = await until(waiting_for_volumes, 60, "VM WaitingForVolumeBinding, its pod held", agent)
+    assert f"persistentvolumeclaim default/{claims[0]} is Pending" in msg, msg
+    assert not [c for c in agent.calls if c.startswith("RunPodSandbox")], agent.calls
+    for c in claims:
+        provisioner.provision("default", c)
+
+    async def running():
+        st = await cluster.status(PVM)
+        return st if st.get("printableStatus") == "Running" and st.get("ready") is True else None
+    await until(running, BOOT_TIMEOUT, f"VM {PVM} Running", agent)
+    pod1 = await cluster.pod(PVM)
+    log1 = agent.log_file(pod1, podspec.CONTAINER)
+    await until(lambda: _says(log1, "wrote"), BOOT_TIMEOUT, f"the guest's mark on its data disk ({log1})", agent)
+    assert _says(log1, "cfg") == "hello-from-configmap" and _says(log1, "before") == ""
+    mark = _says(log1, "wrote")
+    root_claim = await _get(cluster, cluster.core.read_namespaced_persistent_volume_claim, claims[0], "default")
+    data_claim = await _get(cluster, cluster.core.read_namespaced_persistent_volume_claim, claims[1], "default")
+    root_dir = Path(provisioner.volumes[root_claim["spec"]["volumeName"]].local_path)
+    data_dev = Path(provisioner.volumes[data_claim["spec"]["volumeName"]].local_path)
+    with open(data_dev, "rb") as f:
+        assert f.read(512).rstrip(b"\0").decode().strip() == mark, "the guest's mark is on the loop device"
+    disk_img = root_dir / "disk.img"
+    record = json.loads((root_dir / ".vmlet-disk.json").read_text())
+    inode = disk_img.stat().st_ino
+    # The node's domain: the imported root and the block claim are its disks.
+    [dom] = [d for d in libvirt_conn.listAllDomains() if d.name().startswith(libvirt_env.RUN_PREFIX)]
+    sources = {(s.get("file") or s.get("dev")) for s in ET.fromstring(dom.XMLDesc()).iterfind("devices/disk/source")}
+    assert str(data_dev) in {os.path.realpath(s) for s in sources if s}, sources
+
+    # vmctl stop: the pod goes, the claims and their data stay; vmctl start: a new pod on the same claims.
+    assert "runStrategy set to Halted" in await vmctl(kubeconfig, "stop", PVM)
+
+    async def stopped():
+        st = await cluster.status(PVM)
+        return st if st.get("printableStatus") == "Stopped" and await cluster.pod(PVM) is None else None
+    await until(stopped, GRACE + 60, f"VM {PVM} Stopped and its pod gone", agent)
+    assert not agent.volumes.pod_dir(pod1["metadata"]["uid"]).exists()
+    assert not storage.mounts_under(agent.volumes.pods_dir)
+    assert data_dev in storage.loop_devices_of(provisioner.root), "a claim outlives the pod"
+    await vmctl(kubeconfig, "start", PVM)
+    await until(running, BOOT_TIMEOUT, f"VM {PVM} Running again", agent)
+    pod2 = await cluster.pod(PVM)
+    assert pod2["metadata"]["uid"] != pod1["metadata"]["uid"]
+    log2 = agent.log_file(pod2, podspec.CONTAINER)
+    await until(lambda: _says(log2, "wrote"), BOOT_TIMEOUT, f"the second guest's mark ({log2})", agent)
+    assert _says(log2, "before") == mark, "the new pod's guest reads what the old one wrote"
+    assert disk_img.stat().st_ino == inode and json.loads((root_dir / ".vmlet-disk.json").read_text()) == record, \
+        "the persistent root is imported once"
+
+    # The VM deleted: its pod goes; the claims are the garbage collector's (their owner is the VM),
+    # which kmock lacks — deleted here as it would, then the provisioner reclaims the volumes.
+    await cluster.delete_vm(PVM)
+    await until(lambda: _no_pod(cluster), GRACE + 60, "the VM's pod gone", agent)
+    for c in claims:
+        claim = await _get(cluster, cluster.core.read_namespaced_persistent_volume_claim, c, "default")
+        assert any(r.get("kind") == "VirtualMachine" for r in claim["metadata"].get("ownerReferences") or []), claim
+        await cluster.call(cluster.core.delete_namespaced_persistent_volume_claim, c, "default", _preload_content=False)
+
+    async def reclaimed():
+        return not provisioner.volumes and not storage.loop_devices_of(provisioner.root)
+    await until(reclaimed, 30, "the claims' volumes removed", agent)
+    assert not root_dir.exists()
+    assert not agent.errors and not provisioner.errors, (agent.errors, provisioner.errors)
+
+
+async def _no_pod(cluster) -> bool:
+    return await cluster.pod(PVM) is None
