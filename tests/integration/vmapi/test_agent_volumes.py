@@ -702,6 +702,50 @@ async def test_bad_volume_specs_are_named_in_the_pod_status_and_touch_nothing_ou
     assert not agent.errors and not prov.errors, (agent.errors, prov.errors)
 
 
+async def test_stop_takes_every_volume_down_and_a_restarted_agent_cleans_up_orphans(
+        containerd_socket, containerd, cluster, provisioners, agents, root):
+    node = f"agentvol-{uuid.uuid4().hex[:6]}"
+    prov = await provisioners(node_name=node)
+    await create_claim(cluster, claim("data", "1Gi"))
+    await call(cluster, cluster.core.create_namespaced_secret, NS,
+               {"metadata": {"name": "s", "namespace": NS}, "stringData": {"k": "v"}})
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+               {"name": "sec", "secret": {"secretName": "s"}}, {"name": "mem", "emptyDir": {"medium": "Memory"}}]
+    mounts = [{"name": v["name"], "mountPath": f"/{v['name']}"} for v in volumes]
+    sh = "trap 'exit 0' TERM; while :; do sleep 1; done"
+    first = agents(containerd_socket, node, cgroup_root=CGROUP_PARENT)
+    await call(cluster, cluster.core.create_namespaced_pod, NS, ctr_pod("p", node, sh, volumes, mounts))
+    pod = await running(cluster, "p", POD_TIMEOUT, first, prov)
+    uid = pod["metadata"]["uid"]
+    pods_dir = first.volumes.pods_dir
+    assert len(storage.mounts_under(pods_dir)) == 3
+
+    def sandboxes() -> list[str]:
+        return [sb.id for sb in containerd.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(
+            filter=api_pb2.PodSandboxFilter(label_selector={"io.kubernetes.pod.uid": uid})), timeout=30).items]
+
+    # stop(): every mount and directory gone, also under a pod that still runs (its sandbox stays).
+    await asyncio.to_thread(first.stop)
+    assert not storage.mounts_under(first.volumes.root) and not pods_dir.exists()
+    assert len(sandboxes()) == 1
+
+    # A restarted agent sets the running pod's volumes up again...
+    second = agents(containerd_socket, node, cgroup_root=CGROUP_PARENT)
+    await until(lambda: len(storage.mounts_under(pods_dir)) == 3, 10, "the volumes back", second)
+    assert not [c for c in second.calls if c.startswith("RunPodSandbox")], "the pod keeps its sandbox"
+    # ...and once the pod is gone without it (its finalizer removed, deleted), tears down the orphans.
+    await call(cluster, cluster.core.patch_namespaced_pod, "p", NS, {"metadata": {"finalizers": []}},
+               _content_type=MERGE)
+    await call(cluster, cluster.core.delete_namespaced_pod, "p", NS)
+
+    async def orphans_gone():
+        return not sandboxes() and not (pods_dir / uid).exists()
+    await until(orphans_gone, 30, "the orphan sandbox and pod directory removed", second)
+    assert [c for c in second.calls if c.startswith("orphan sandbox")] and f"remove orphan pod dir {uid}" in second.calls
+    assert not storage.mounts_under(pods_dir)
+    assert not first.errors and not second.errors and not prov.errors, (first.errors, second.errors, prov.errors)
+
+
 # ---------------------------------------------------------------- a VM pod on the node
 
 GUEST_SCRIPT = """#!/bin/sh
