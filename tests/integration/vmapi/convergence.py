@@ -1,8 +1,9 @@
 """What "converged" means for the VM controller, and the helpers that get a cluster there.
 
 * `AutoKubelet` plays the kubelet for every VM pod (binds it to a node, reports it
-  Running with an IP) and, on every look, checks the invariant that holds at
-  every instant: never two pods for one VM.
+  Running with an IP), and the PV controller for every new claim (Bound), and, on
+  every look, checks the invariant that holds at every instant: never two pods for
+  one VM.
 * `LogWatch` collects the operator's log records: a programming error (anything
   but an API or transport error) in a handler is a crash, whatever kopf then does.
 * `converged` waits until each VM is what its runStrategy asks for — exactly one
@@ -28,6 +29,10 @@ RUNNING, STOPPED, GONE = "Running", "Stopped", "gone"
 
 def _pods(server: kmock.KubernetesEmulator) -> list[Any]:
     return [o for o in list(server.objects.values()) if not o.deleted and o.get("kind") == "Pod"]
+
+
+def _claims(server: kmock.KubernetesEmulator) -> list[Any]:
+    return [o for o in list(server.objects.values()) if not o.deleted and o.get("kind") == "PersistentVolumeClaim"]
 
 
 def _vms(server: kmock.KubernetesEmulator) -> list[Any]:
@@ -82,6 +87,12 @@ class AutoKubelet:
                     try:
                         await self.cluster.kubelet(vm, "Running", ip=f"10.1.{n // 250}.{n % 250 + 2}")
                     except Exception:  # the pod went meanwhile: the next look sees it
+                        pass
+            for c in _claims(self.server):
+                if self.enabled and not (c.get("status") or {}).get("phase"):
+                    try:
+                        await self.cluster.bind_claim(c["metadata"]["name"])
+                    except Exception:  # deleted meanwhile
                         pass
             self.twins += [f"{vm}: {names}" for vm, names in owners.items() if len(names) > 1]
             await asyncio.sleep(self.interval)

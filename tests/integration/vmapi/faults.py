@@ -38,7 +38,9 @@ VERBS = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FE
 # Every call the controller makes (client.controller_permissions, kopf's included) that a fault can hit.
 CONTROLLER_KINDS = ("pods:create", "pods:delete", "pods:get", "pods:list", "pods:watch",
                     "virtualmachines:get", "virtualmachines:list", "virtualmachines:watch",
-                    "virtualmachines:patch", "virtualmachines/status:patch", "events:create")
+                    "virtualmachines:patch", "virtualmachines/status:patch", "events:create",
+                    "persistentvolumeclaims:get", "persistentvolumeclaims:create", "persistentvolumeclaims:patch",
+                    "persistentvolumeclaims:list", "persistentvolumeclaims:watch")
 MAX_HANG = 120.0  # a hang ends at the latest here (or when the test ends), so nothing outlives the test
 
 

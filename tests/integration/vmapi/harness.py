@@ -308,6 +308,18 @@ def vm_manifest(name: str, run_strategy: str = "Always", **spec_extra: Any) -> d
             "spec": {"runStrategy": run_strategy, "template": {"spec": vmi_spec}}}
 
 
+def vm_with_claim(name: str, run_strategy: str = "Always") -> dict[str, Any]:
+    """A VM whose data disk is a claim its volumeClaimTemplate makes (data-<name>): every pass reads
+    the claim, the first one creates it."""
+    vm = vm_manifest(name, run_strategy)
+    vmi = vm["spec"]["template"]["spec"]
+    vmi["domain"]["disks"] = [{"name": "data"}]
+    vmi["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    vm["spec"]["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]
+    return vm
+
+
 class Cluster:
     """The test's view: API calls through the official client, and the kubelet's role."""
 

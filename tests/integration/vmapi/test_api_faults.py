@@ -18,7 +18,7 @@ import pytest
 from tests.integration.vmapi import faults
 from tests.integration.vmapi.convergence import (GONE, RUNNING, STOPPED, AutoKubelet, LogWatch, converged,
                                                  controller_requests)
-from tests.integration.vmapi.harness import TIMEOUT_SCALE, Operator
+from tests.integration.vmapi.harness import TIMEOUT_SCALE, Operator, vm_with_claim as with_claim
 from tests.integration.vmapi.profile import LONG, SEED
 from vmapi import requests
 
@@ -28,9 +28,12 @@ SEEDS = range(12) if LONG else range(2)
 MIX_SEEDS = [SEED + i for i in (range(20) if LONG else range(3))]
 
 
-# The kinds the scenario sends while the faults are on (kopf's initial lists come before them).
+# The kinds the scenario sends while the faults are on (kopf's initial lists come before them). Claim creates
+# and patches happen once per claim: the random mix covers them.
 SCENARIO_KINDS = ("pods:create", "pods:delete", "pods:get", "virtualmachines:get", "virtualmachines/status:patch",
-                  "virtualmachines:patch", "events:create", "pods:watch", "virtualmachines:watch")
+                  "virtualmachines:patch", "events:create", "pods:watch", "virtualmachines:watch",
+                  "persistentvolumeclaims:get", "persistentvolumeclaims:watch")
+
 MENU_TIMEOUT = 60.0  # seconds the faults stay on at most, waiting for every menu to be used up
 
 
@@ -54,7 +57,7 @@ def every_fault_in_turn(seed: int) -> faults.Schedule:
 async def _churn(cluster, schedule: faults.Schedule) -> str:
     """Start and stop a Manual VM through its request queue until every menu is used up: pod creates and
     deletes, and the controller's own VM patches, come only with such work. The state it must end in."""
-    await cluster.create_vm("churn", "Manual")
+    await cluster.create_vm_manifest(with_claim("churn", "Manual"))
     deadline = time.monotonic() + MENU_TIMEOUT * TIMEOUT_SCALE
     while not schedule.used_up(SCENARIO_KINDS) and time.monotonic() < deadline:
         if await _queued(cluster, "churn"):  # the controller has not consumed the last pair yet
@@ -75,7 +78,10 @@ async def _scenario(server, cluster, rng: random.Random) -> tuple[dict[str, str]
     want: dict[str, str] = {}
     for name, rs in (("keep", "Always"), ("stop", "Always"), ("start", "Halted"), ("restart", "Always"),
                      ("manual", "Manual"), ("gone", "Always")):
-        await cluster.create_vm(name, rs)
+        if name in ("keep", "restart"):  # their claims are made under faults too
+            await cluster.create_vm_manifest(with_claim(name, rs))
+        else:
+            await cluster.create_vm(name, rs)
     await cluster.patch_vm("manual", {"metadata": {"annotations": {
         requests.ANNOTATION: requests.dump([requests.Request("Start")])}}})
     await asyncio.sleep(rng.uniform(0.2, 1.0))

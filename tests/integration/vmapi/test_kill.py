@@ -8,6 +8,8 @@ before the write reaches the API server (it is lost) or just after it was applie
 (the controller never learns it succeeded). A new controller then starts and every
 VM of every round so far must converge: exactly the pod its runStrategy asks for,
 a status matching it, never two pods for one VM, no pod left for a deleted VM.
+Every other group of rounds the VMs have a claim template: a kill around the
+claim's create must still end with one claim, owned by its VM, before the pod.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import pytest
 
 from tests.integration.vmapi import faults
 from tests.integration.vmapi.convergence import GONE, RUNNING, STOPPED, AutoKubelet, check, converged, pods_of
-from tests.integration.vmapi.harness import TIMEOUT_SCALE, wait_for, watches
+from tests.integration.vmapi.harness import TIMEOUT_SCALE, WATCHED, vm_manifest, vm_with_claim, wait_for, watches
 from tests.integration.vmapi.profile import LONG, SEED
-from vmapi import requests, types
+from vmapi import requests
 
 pytestmark = pytest.mark.asyncio
 
@@ -47,7 +49,7 @@ class ControllerProcess:
         self.proc: subprocess.Popen | None = None
 
     async def start(self) -> "ControllerProcess":
-        vms, pods = watches(self.server, types.PLURAL), watches(self.server, "pods")
+        before = {p: watches(self.server, p) for p in WATCHED}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vmapi.operator", "--kubeconfig", str(self.kubeconfig), "--standalone",
@@ -55,7 +57,7 @@ class ControllerProcess:
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
-            await wait_for(lambda: (watches(self.server, types.PLURAL) > vms and watches(self.server, "pods") > pods)
+            await wait_for(lambda: all(watches(self.server, p) > n for p, n in before.items())
                            or self.proc.poll() is not None, timeout=20, what="the controller's watches")
             assert self.proc.poll() is None, f"the controller exited: {self.log.read_text()[-3000:]}"
         except BaseException:  # not up (or the test was interrupted): no controller outlives the test
@@ -96,19 +98,23 @@ class KillSwitch:
         return False
 
 
-async def _prepare(cluster, server, flow: str, name: str) -> None:
+def _manifest(name: str, run_strategy: str, claim: bool) -> dict:
+    return vm_with_claim(name, run_strategy) if claim else vm_manifest(name, run_strategy)
+
+
+async def _prepare(cluster, server, flow: str, name: str, claim: bool) -> None:
     """The state the flow starts from, made by the live controller."""
     start_rs = {"create": None, "start": "Halted"}.get(flow, "Always")
     if start_rs is None:
         return
-    await cluster.create_vm(name, start_rs)
+    await cluster.create_vm_manifest(_manifest(name, start_rs, claim))
     await converged(server, {name: STOPPED if start_rs == "Halted" else RUNNING}, timeout=10)
 
 
-async def _act(cluster, flow: str, name: str) -> str:
+async def _act(cluster, flow: str, name: str, claim: bool) -> str:
     """Start the flow; the state it must end in."""
     if flow == "create":
-        await cluster.create_vm(name, "Always")
+        await cluster.create_vm_manifest(_manifest(name, "Always", claim))
         return RUNNING
     if flow == "stop":
         await cluster.patch_vm(name, {"spec": {"runStrategy": "Halted"}})
@@ -139,19 +145,23 @@ async def test_controller_sigkilled_mid_flow_converges_after_restart(server, kub
     log = tmp_path / "controller.log"
     ctl = ControllerProcess(server, kubeconfig, log)  # always the current controller: `finally` stops it
     kills = []
+    claimed: set[str] = set()
     try:
         await ctl.start()
         async with AutoKubelet(server, cluster) as kubelet:
             for r in range(ROUNDS):
                 flow, name = FLOWS[r % len(FLOWS)], f"k{r}"
-                await _prepare(cluster, server, flow, name)
+                claim = (r // len(FLOWS)) % 2 == 0
+                if claim:
+                    claimed.add(name)
+                await _prepare(cluster, server, flow, name, claim)
                 vm = await cluster.vm(name)
                 if vm is not None:
                     uids[name] = vm["metadata"]["uid"]
                 before = (await cluster.pod(name) or {}).get("metadata", {}).get("uid")
                 switch = KillSwitch(ctl, nth=rng.randint(1, 7), phase=rng.choice(("before", "after")))
                 server.on_request = switch
-                want[name] = await _act(cluster, flow, name)
+                want[name] = await _act(cluster, flow, name, claim)
                 # Until the kill, or until the flow is done: converged and no write for QUIET seconds.
                 deadline = time.monotonic() + 3 * TIMEOUT_SCALE
                 while not switch.fired and time.monotonic() < deadline:
@@ -182,4 +192,13 @@ async def test_controller_sigkilled_mid_flow_converges_after_restart(server, kub
     for name, state in want.items():
         if state == GONE:
             assert not pods_of(server, name, uids.get(name)), name
+        elif name in claimed:  # one claim, made once, owned by its VM (a create applied twice would be a 409)
+            claims = [c for c in server.objects.values() if not c.deleted and c.get("kind") == "PersistentVolumeClaim"
+                      and c["metadata"]["name"] == f"data-{name}"]
+            vm = await cluster.vm(name)
+            assert len(claims) == 1 and [r["uid"] for r in claims[0]["metadata"]["ownerReferences"]] == [
+                vm["metadata"]["uid"]], (name, [c.raw for c in claims])
+            if state == RUNNING:
+                volumes = (await cluster.pod(name))["spec"]["volumes"]
+                assert volumes[0]["persistentVolumeClaim"]["claimName"] == f"data-{name}"
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
