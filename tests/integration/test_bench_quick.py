@@ -47,6 +47,8 @@ BENCHES = {
     "image_pull": None,
     "list_containers": None,
     "network_overhead": "root",
+    "root_boot": "libvirt",
+    "root_import": "root",
     "vmapi_reconcile": None,
 }
 
