@@ -27,9 +27,9 @@ only sets deletionTimestamp, as on a real cluster, and removing the finalizer is
 "final delete".
 
 Volumes, as the kubelet's volume manager lays them out under its root dir (`<root>/pods/<pod uid>/`,
-/var/lib/kubelet's layout; `pods` and every directory the agent makes below it are 0750 root:root like
-the kubelet's, so an unprivileged QEMU cannot traverse them) and hands them to CreateContainer as the
-kubelet's makeMounts / makeBlockVolumes do:
+/var/lib/kubelet's layout: the root an rshared bind onto itself as the kubelet makes it; `pods`, each
+pod's directory and the plugin directories 0750 root:root like the kubelet's, so an unprivileged QEMU
+cannot traverse them) and hands them to CreateContainer as the kubelet's makeMounts / makeBlockVolumes do:
 
 * `emptyDir` → `volumes/kubernetes.io~empty-dir/<name>` (0777; medium Memory: a tmpfs, sizeLimit its size);
 * `configMap`, `secret` → `volumes/kubernetes.io~configmap|secret/<name>`, written like the kubelet's
@@ -295,8 +295,9 @@ class KubeletAgent:
         meta = pod["metadata"]
         digest = hashlib.sha256(f"{meta.get('uid')}\0{reason}\0{message}".encode()).hexdigest()[:16]
         now = _now()
+        # An object name has at most 253 characters: room for the digest.
         event = {"apiVersion": "v1", "kind": "Event",
-                 "metadata": {"name": f"{meta['name']}.{digest}", "namespace": meta["namespace"]},
+                 "metadata": {"name": f"{meta['name'][:200]}.{digest}", "namespace": meta["namespace"]},
                  "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
                                     "namespace": meta["namespace"], "uid": meta.get("uid")},
                  "reason": reason, "type": "Warning", "message": message,
@@ -570,10 +571,12 @@ class Volume:
 
 
 def _component(value: Any, field: str) -> str:
-    """A name used as one path component under the agent's root (kmock validates no names)."""
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME or "/" in value or "\0" in value \
-            or value in (".", "..") or value.startswith(".."):
-        raise VolumeError(f"{field}: {value!r} cannot name a directory (one path component, not '..')")
+    """A name used as one path component under the agent's root or in a URL (kmock validates no names)."""
+    if not isinstance(value, str) or not value:
+        raise VolumeError(f"{field}: {value!r} is not a name (a non-empty string)")
+    if len(value) > MAX_NAME or "/" in value or "\0" in value or value == "." or value.startswith(".."):
+        raise VolumeError(f"{field}: {value!r} cannot name a directory (one path component of at most "
+                          f"{MAX_NAME} characters, not '.' or '..')")
     return value
 
 

@@ -343,9 +343,10 @@ class Provisioner:
         meta = claim["metadata"]
         self._error(f"claim {meta.get('namespace')}/{meta.get('name')}: {message}")
         digest = hashlib.sha256(f"{meta.get('uid')}\0{message}".encode()).hexdigest()[:16]
+        # An object name has at most 253 characters: room for the digest.
         event = {
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta.get('name')}.{digest}", "namespace": meta.get("namespace")},
+            "metadata": {"name": f"{str(meta.get('name'))[:200]}.{digest}", "namespace": meta.get("namespace")},
             "involvedObject": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": meta.get("name"),
                                "namespace": meta.get("namespace"), "uid": meta.get("uid")},
             "reason": "ProvisioningFailed", "type": "Warning", "message": message,
