@@ -146,7 +146,8 @@ def leftover_qemu_processes() -> list[str]:
 
 
 def release_work_dir(d: Path) -> None:
-    """Stop what a run's vmlet daemons left under `d` (daemons, pod networks, volume binds) before it is deleted.
+    """Stop what a run's vmlet daemons left under `d` (daemons, pod networks, volume binds, loop devices) before
+    it is deleted.
 
     Pod netns and host links are named after random sandbox IDs and dnsmasq's pidfile lies under the state
     dir: once the directory is gone nothing can tell them from another run's, so they go first."""
@@ -174,6 +175,10 @@ def release_work_dir(d: Path) -> None:
             except Exception as e:  # noqa: BLE001 - best effort: report, and go on with the rest
                 print(f"sweeping the pod networks of {state} failed: {e}")
     pod_volumes.unmount_under(d)
+    # Loop devices standing in for block PVs outlive the run that attached them (a busy one detaches when freed).
+    from tests.support import storage
+    for dev in storage.loop_devices_of(d):
+        storage.detach_loop(dev)
 
 
 def remove_stale_work_dirs() -> list[Path]:
