@@ -30,9 +30,7 @@ from typing import Any, Mapping
 
 from cri_shim import annotations as va
 from vmapi import storage, types
-from vmapi.errors import ClaimsUnavailable, SpecError
-
-__all__ = ["ClaimsUnavailable", "SpecError", "Prepared", "prepare", "render", "template_hash", "pod_name"]
+from vmapi.errors import SpecError
 
 POD_SUFFIX = "-vm"
 LABEL_VM = types.LABEL_VM
@@ -205,8 +203,8 @@ def render(vm: Mapping[str, Any], claims: Mapping[str, Any] | None = None,
            prepared: Prepared | None = None) -> dict[str, Any]:
     """The VM pod for a VirtualMachine body and its claims (by name; None or absent: not there).
 
-    SpecError when the spec cannot make a valid pod; ClaimsUnavailable when claims it needs are not
-    there (yet). `prepared`: what prepare(vm) returned, to not do it twice."""
+    SpecError when the spec cannot make a valid pod; errors.ClaimsUnavailable when claims it needs
+    are not there (yet). `prepared`: what prepare(vm) returned, to not do it twice."""
     p = prepared if prepared is not None else prepare(vm)
     meta, vmi = vm["metadata"], p.spec.template.spec
     disks = storage.render(p.plan, claims or {}, vm)

@@ -133,6 +133,12 @@ def show(vm: dict[str, Any], fmt: str) -> str:
              "Conditions:"]
     for c in st.get("conditions") or []:
         lines.append(f"  {c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".rstrip())
+    volumes = [v for v in st.get("volumeStatus") or [] if isinstance(v, dict)]
+    if volumes:
+        lines.append("Volumes:")
+        rows = [[str(v.get("name") or "-"), str((v.get("persistentVolumeClaimInfo") or {}).get("claimName") or "-"),
+                 str(v.get("phase") or "-"), str(v.get("target") or "-"), str(v.get("message") or "")] for v in volumes]
+        lines += ["  " + line for line in _table([["NAME", "CLAIM", "PHASE", "TARGET", "MESSAGE"], *rows]).splitlines()]
     pending, _ = requests.parse(vm["metadata"].get("annotations"))
     if pending:
         lines.append("Pending requests: " + ", ".join(r.action for r in pending))

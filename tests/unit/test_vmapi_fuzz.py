@@ -29,6 +29,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cri_shim import annotations as va
+from vmapi.errors import ClaimsUnavailable
 from vmapi import podspec, requests, status, storage, strategy, types
 
 LONG = os.environ.get("VMLET_FUZZ", "ci") == "long"
@@ -303,7 +304,7 @@ def test_every_vm_becomes_a_valid_pod_or_a_spec_error(data, vm):
     except podspec.SpecError as e:
         assert str(e) and len(str(e)) <= 4096
         return
-    except podspec.ClaimsUnavailable as e:
+    except ClaimsUnavailable as e:
         held = storage.report(podspec.prepare(vm).plan, claims, vm).unavailable
         assert e.claims and set(e.claims) == set(held), (e.claims, held)
         return

@@ -7,13 +7,17 @@ checked is what the node will do with them, not the strings this module happens 
 from __future__ import annotations
 
 import copy
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, strategies as st
 
 from cri_shim import annotations as va
 from cri_shim.storage import disk_spec
+from vmapi.errors import ClaimsUnavailable
 from vmapi import podspec, status, storage, types
 from vmapi.strategy import Decision
 
@@ -305,7 +309,7 @@ BAD_SPECS = [
     ("too many disks", lambda vm: (_vols(vm).extend({"name": f"e{i}", "emptyDisk": {"capacity": "1Mi"}} for i in range(28)),
                                    _disks(vm).extend({"name": f"e{i}"} for i in range(28))),
      rf"{D}: 33 disks with the root, at most 32"),
-    ("bad bus", lambda vm: _disks(vm)[0].update(bus="ide"), rf"spec\.template\.spec\.domain\.disks\[0\]\.bus: "),
+    ("bad bus", lambda vm: _disks(vm)[0].update(bus="ide"), r"spec\.template\.spec\.domain\.disks\[0\]\.bus: "),
     ("bad cache", lambda vm: _disks(vm)[0].update(cache="fast"), rf"{D}\[0\]\.cache: "),
     ("unknown disk field", lambda vm: _disks(vm)[0].update(disk={"bus": "virtio"}), rf"{D}\[0\]\.disk: "),
     ("bad claim name", lambda vm: _vols(vm)[2]["persistentVolumeClaim"].update(claimName="Shared_Logs"),
@@ -413,7 +417,7 @@ def test_a_claim_that_is_not_there_holds_the_pod_back_and_says_why():
     p = podspec.prepare(vm)
     claims = claims_for(vm)
     del claims["shared-logs"], claims["root-db"]
-    with pytest.raises(podspec.ClaimsUnavailable) as e:
+    with pytest.raises(ClaimsUnavailable) as e:
         podspec.render(vm, claims)
     assert set(e.value.claims) == {"shared-logs", "root-db"}
     rep = storage.report(p.plan, claims, vm)
@@ -522,3 +526,16 @@ def test_status_for_missing_pending_and_bound_claims():
     assert _derive(vm, _pod("Pending"), Decision("none", "", ()), bound)["printableStatus"] == "Starting"
     assert _derive(vm, _pod("Running"), Decision("none", "", ()), pending)["printableStatus"] == "Running"
     types.VirtualMachineStatus.model_validate(_derive(vm, _pod("Running"), Decision("none", "", ()), bound))
+
+
+def test_the_example_in_the_docs_renders():
+    text = (Path(__file__).resolve().parents[2] / "docs/vmapi.md").read_text()
+    section = text[text.index("### Disks and volumes"):]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    vm = {"metadata": {"name": "doc", "namespace": "n", "uid": "u"}, **example}
+    plan = podspec.prepare(vm).plan
+    claims = {r.claim: storage.claim_manifest(vm, plan, r) if r.template is not None else user_claim(r.claim)
+              for r in plan.claims}
+    parsed = node_view(podspec.render(vm, claims))
+    assert parsed.root_disk is not None and {d.source for d in parsed.disks} == {
+        "volume", "configVolume", "emptyDisk"}

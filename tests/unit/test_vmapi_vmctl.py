@@ -84,3 +84,20 @@ def test_cli_reports_a_missing_kubeconfig(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         vmctl.main(["--version"])
     assert e.value.code == 0
+
+
+def test_status_lists_the_volumes_and_what_holds_them_back():
+    vm = {"metadata": {"name": "db", "namespace": "n"}, "spec": {}, "status": {
+        "printableStatus": "ErrorPvcNotFound",
+        "volumeStatus": [
+            {"name": "root", "target": "/dev/disk/by-id/virtio-root", "phase": "Pending", "reason": "PvcNotFound",
+             "message": "persistentvolumeclaim 'root-db' not found", "persistentVolumeClaimInfo": {"claimName": "root-db"}},
+            {"name": "conf", "target": "/etc/app"}, "junk"]}}
+    text = vmctl.show(vm, "text")
+    lines = text.splitlines()
+    at = lines.index("Volumes:")
+    header, root, conf = (line.split() for line in lines[at + 1:at + 4])
+    assert header == ["NAME", "CLAIM", "PHASE", "TARGET", "MESSAGE"]
+    assert root[:4] == ["root", "root-db", "Pending", "/dev/disk/by-id/virtio-root"] and "not found" in lines[at + 2]
+    assert conf == ["conf", "-", "-", "/etc/app"]
+    assert "Volumes:" not in vmctl.show({"metadata": {"name": "x"}, "spec": {}, "status": {}}, "text")
