@@ -173,7 +173,7 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
     conds = []
     if pod is None and create_blocked and waits_for_claims:
         conds.append(_condition(prev_conds, nows, "Ready", "False", "PvcNotFound" if volumes.missing else "PvcNotReady",
-                                "the pod waits for its claims: " + volumes.blocking_message()))
+                                ("the pod waits for its claims: " + volumes.blocking_message())[:1024]))
     elif pod is None:
         conds.append(_condition(prev_conds, nows, "Ready", "False", "PodNotFound", "the VM has no pod"))
     elif ready:

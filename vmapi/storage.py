@@ -374,11 +374,11 @@ def volume_mode(claim: Mapping[str, Any], where: str) -> str:
     return mode
 
 
-def requested_storage(claim: Mapping[str, Any]) -> str | None:
+def requested_storage(claim: Mapping[str, Any]) -> Any:
+    """spec.resources.requests.storage as the claim has it (any type: the caller judges it); None if absent."""
     resources = _claim_spec(claim).get("resources")
     requests = resources.get("requests") if isinstance(resources, Mapping) else None
-    storage = requests.get("storage") if isinstance(requests, Mapping) else None
-    return storage if storage is not None else None
+    return requests.get("storage") if isinstance(requests, Mapping) else None
 
 
 def disk_capacity(request_bytes: int) -> int:
