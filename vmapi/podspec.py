@@ -233,6 +233,8 @@ def render(vm: Mapping[str, Any], claims: Mapping[str, Any] | None = None,
         container["volumeDevices"] = disks.devices
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # The node shares every directory mount with the guest: the pod's API token must not be one of them.
+        "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": vmi.terminationGracePeriodSeconds,
         "nodeSelector": {**(vmi.nodeSelector or {}), **NODE_SELECTOR},
         "containers": [container],

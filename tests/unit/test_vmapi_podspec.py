@@ -106,3 +106,11 @@ def test_a_lone_surrogate_in_a_template_annotation_is_a_spec_error_naming_the_ke
     vm["spec"]["template"]["metadata"]["annotations"]["team"] = value
     with pytest.raises(podspec.SpecError, match=r"spec\.template\.metadata\.annotations\[team\].*surrogate"):
         podspec.render(vm)
+
+
+def test_the_vm_pod_carries_no_service_account_token():
+    """The node shares every directory mount with the guest over virtio-fs; the kubelet's token volume would be one."""
+    from vmapi import podspec as ps
+    vm = {"metadata": {"name": "tok", "namespace": "default", "uid": "u-1"},
+          "spec": {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/testvm"}}}}}}
+    assert ps.render(vm)["spec"]["automountServiceAccountToken"] is False
