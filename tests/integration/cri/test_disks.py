@@ -394,3 +394,62 @@ def test_a_qcow2_on_a_volume_rewritten_with_a_backing_file_before_start_is_refus
     for s in (sb, sb2):
         rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=s), timeout=60)
     assert not domains(libvirt_conn) and not pod_volumes._mountpoints_under(vmlet_dir)
+
+
+REBOOT_SCRIPT = """#!/bin/sh
+say() { echo "REBOOTTEST: $*"; }
+by_serial() { for d in /sys/block/*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }
+first_sector() { dd if="$1" bs=512 count=1 2>/dev/null | tr -d '\\000' | head -n1; }
+mark() { printf '%s\\n' "$2" | dd of="$1" bs=512 count=1 conv=sync,fsync 2>/dev/null; }
+scratch=$(by_serial scratch)
+seen=$(first_sector $scratch)
+if [ -z "$seen" ]; then
+    mark $scratch "written-before-reboot" && say "rebooting"
+    reboot
+    exit 0
+fi
+say "after-reboot $seen"
+if mark $(by_serial ro) "guest-was-here"; then say "ro-write succeeded"; else say "ro-write refused"; fi
+say "done"
+"""
+
+
+def test_emptydisk_survives_a_guest_reboot_and_a_read_only_device_stays_read_only(
+        client, vmlet, vmlet_dir, pulled, libvirt_conn):
+    rt = client.runtime
+    with loop_device(vmlet_dir / "ro.img", 8 * MIB) as dev:
+        with open(dev, "r+b") as f:
+            f.write(b"host-data\n")
+        pod = cri.pod_config(name="reboot", log_directory=str(vmlet_dir / "logs" / "reboot"), annotations={
+            "VirtletCloudInitUserDataScript": REBOOT_SCRIPT,
+            "vmlet.dev/disks": "- {name: scratch, emptyDisk: {capacity: 16Mi}}"})
+        sb = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
+        # An unnamed device with read-only permissions (a read-only block claim): attached read-only, as "ro".
+        cid = run_vm(rt, pod, sb, devices=[api_pb2.Device(container_path="/dev/ro", host_path=str(dev),
+                                                          permissions="r")])
+        log = vmlet_dir / "logs" / "reboot" / "vm" / "0.log"
+        wait_for_log(log, r"REBOOTTEST: done", 300)
+        text = log.read_text()
+        assert "REBOOTTEST: rebooting" in text and "REBOOTTEST: after-reboot written-before-reboot" in text, \
+            text[-3000:]
+        assert "REBOOTTEST: ro-write refused" in text
+        assert first_sector(dev) == b"host-data"
+        info = status_info(rt, cid)
+        assert next(d for d in info["disks"] if d["name"] == "ro")["readOnly"]
+
+        # Resources change under a VM with disks, and every disk is still in its stats.
+        rt.UpdateContainerResources(api_pb2.UpdateContainerResourcesRequest(
+            container_id=cid, linux=api_pb2.LinuxContainerResources(memory_limit_in_bytes=256 * MIB)), timeout=60)
+        dom = ET.fromstring(libvirt_conn.lookupByName(info["domain"]).XMLDesc())
+        assert {d.findtext("serial") for d in dom.iterfind("devices/disk")} >= {"scratch", "ro"}
+        metrics = rt.ListPodSandboxMetrics(api_pb2.ListPodSandboxMetricsRequest()).pod_metrics
+        targets = {d["target"] for d in info["disks"]}
+        reads = {m.label_values[-1]: m.value.value for pm in metrics for cm in pm.container_metrics
+                 for m in cm.metrics if m.name == "container_fs_reads_bytes_total"}
+        assert targets <= set(reads) and all(reads[t] > 0 for t in targets), reads
+        stats = rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=cid)).stats
+        empty_disk = vmlet.state_dir / "pods" / sb / "empty-disks" / "scratch.qcow2"
+        assert stats.writable_layer.used_bytes.value >= empty_disk.stat().st_blocks * 512 > 0
+        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sb), timeout=120)
+        assert not empty_disk.exists()
+    assert not domains(libvirt_conn) and not pod_volumes._mountpoints_under(vmlet_dir)
