@@ -200,6 +200,9 @@ say() { echo "PVMTEST: $*"; }
 say cfg "$(cat /etc/app/greeting)"
 say before "$(dd if=/dev/vmlet/data bs=512 count=1 2>/dev/null | tr -d '\\000' | head -n1)"
 m="MARK-$(cat /proc/sys/kernel/random/uuid)"
+# The persistent root (vda) keeps a file on its FAT partition too.
+mkdir -p /mnt/root && mount -t vfat /dev/vda1 /mnt/root && say root "$(cat /mnt/root/pvm-mark 2>/dev/null)" &&
+    printf '%s\\n' "$m" > /mnt/root/pvm-mark && sync && umount /mnt/root
 printf '%s\\n' "$m" | dd of=/dev/vmlet/data bs=512 count=1 conv=sync,fsync 2>/dev/null && say wrote "$m"
 """
 
@@ -288,6 +291,7 @@ async def test_a_virtual_machine_keeps_its_claims_disks_across_pods(provisioner,
     log1 = agent.log_file(pod1, podspec.CONTAINER)
     await until(lambda: _says(log1, "wrote"), BOOT_TIMEOUT, f"the guest's mark on its data disk ({log1})", agent)
     assert _says(log1, "cfg") == "hello-from-configmap" and _says(log1, "before") == ""
+    assert _says(log1, "root") == "", "a freshly imported root"
     mark = _says(log1, "wrote")
     root_claim = await _get(cluster, cluster.core.read_namespaced_persistent_volume_claim, claims[0], "default")
     data_claim = await _get(cluster, cluster.core.read_namespaced_persistent_volume_claim, claims[1], "default")
@@ -320,8 +324,26 @@ async def test_a_virtual_machine_keeps_its_claims_disks_across_pods(provisioner,
     log2 = agent.log_file(pod2, podspec.CONTAINER)
     await until(lambda: _says(log2, "wrote"), BOOT_TIMEOUT, f"the second guest's mark ({log2})", agent)
     assert _says(log2, "before") == mark, "the new pod's guest reads what the old one wrote"
+    assert _says(log2, "root") == mark, "and what it wrote on its persistent root"
     assert disk_img.stat().st_ino == inode and json.loads((root_dir / ".vmlet-disk.json").read_text()) == record, \
         "the persistent root is imported once"
+
+    # The pod deleted behind the controller's back (a node failure's stand-in): the controller makes a new
+    # one on the same claims, and its guest finds both marks.
+    mark2 = _says(log2, "wrote")
+    await cluster.call(cluster.core.delete_namespaced_pod, pod2["metadata"]["name"], "default",
+                       _preload_content=False)
+
+    async def replaced():
+        pod = await cluster.pod(PVM)
+        if pod is None or pod["metadata"]["uid"] == pod2["metadata"]["uid"]:
+            return None
+        return await running() and pod
+    pod3 = await until(replaced, GRACE + BOOT_TIMEOUT, f"VM {PVM} running on a new pod", agent)
+    log3 = agent.log_file(pod3, podspec.CONTAINER)
+    await until(lambda: _says(log3, "wrote"), BOOT_TIMEOUT, f"the third guest's mark ({log3})", agent)
+    assert _says(log3, "before") == mark2 and _says(log3, "root") == mark2, log3.read_text()[-2000:]
+    assert disk_img.stat().st_ino == inode, "still not imported again"
 
     # The VM deleted: its pod goes; the claims are the garbage collector's (their owner is the VM),
     # which kmock lacks — deleted here as it would, then the provisioner reclaims the volumes.
