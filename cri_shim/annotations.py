@@ -262,6 +262,9 @@ class VMAnnotations(_Frozen):
             value = parse(name, raw)
             if value is not None:
                 fields[field] = value
+        if fields.get("root_volume_size") and any(d.root for d in fields.get("disks", ())):
+            raise AnnotationError(ROOT_VOLUME_SIZE, "sizes the ephemeral root overlay, but the pod's persistent root "
+                                  f"({DISKS} entry with root: true) is sized by its volume: drop one of them")
         try:
             return cls(**fields)
         except ValidationError as e:  # a parser let something through: still answer humanly

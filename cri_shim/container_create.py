@@ -22,7 +22,7 @@ from proto.runtime.v1 import api_pb2
 from . import cloudinit, errors, host_caps, validation
 from .storage import disks as vm_disks
 from .storage import pod_volumes
-from .annotations import CPU_MODEL, LIBVIRT_CPU_SETTING, ROOT_VOLUME_SIZE, AnnotationError, VMAnnotations
+from .annotations import CPU_MODEL, LIBVIRT_CPU_SETTING, AnnotationError, VMAnnotations
 from .crashpoints import crashpoint
 from .domain_xml import CPU, CPUFeature, Disk, DomainSpec, Interface, SharedDir, UnsafeText, build_domain_xml
 from .runtime import Runtime, new_id, now_ns
@@ -99,6 +99,10 @@ def _validate_request(cfg: api_pb2.ContainerConfig) -> None:
     for i, m in enumerate(cfg.mounts):
         validation.path(m.host_path, f"config.mounts[{i}].host_path")
         validation.path(m.container_path, f"config.mounts[{i}].container_path")
+    for i, d in enumerate(cfg.devices):
+        validation.path(d.host_path, f"config.devices[{i}].host_path")
+        validation.path(d.container_path, f"config.devices[{i}].container_path")
+        validation.text(d.permissions, f"config.devices[{i}].permissions", 8)
 
 
 def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb2.CreateContainerResponse:
@@ -135,10 +139,6 @@ def create_container(rt: Runtime, req: api_pb2.CreateContainerRequest) -> api_pb
 def plan_disks(rt: Runtime, cfg: api_pb2.ContainerConfig, vm: VMAnnotations
                ) -> tuple[list[vm_disks.Planned], set[str]]:
     """The disks from the pod's volumes, checked against the request before anything is built."""
-    if vm.root_disk is not None and vm.root_volume_size:
-        raise errors.invalid_argument(
-            f"pod annotation {ROOT_VOLUME_SIZE} sizes the ephemeral root overlay, but disk {vm.root_disk.name!r} "
-            f"of {vm_disks.DISKS} is a persistent root (its size is its volume's): drop one of them")
     try:
         return vm_disks.plan(vm.disks, cfg.mounts, cfg.devices, max_disks=rt.config.max_disks)
     except vm_disks.DiskPlanError as e:

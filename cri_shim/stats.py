@@ -60,7 +60,10 @@ def sample(rt: Runtime, c: ContainerRecord) -> Sample | None:
 
 def _block_stats(dom: libvirt.virDomain) -> dict[str, tuple[int, int, int, int]]:
     """Per guest disk, in one call (libvirt's bulk stats: block.<n>.name, .rd.reqs, .rd.bytes, ...)."""
-    [(_dom, st)] = dom.connect().domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_BLOCK)
+    found = dom.connect().domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_BLOCK)
+    if not found:  # undefined since it was looked up (a racing RemoveContainer): libvirt skips it
+        raise libvirt.libvirtError("the domain went away")
+    st = found[0][1]
     out = {}
     for n in range(int(st.get("block.count", 0))):
         p = f"block.{n}."

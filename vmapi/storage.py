@@ -207,8 +207,11 @@ def plan(spec: types.VirtualMachineSpec, vm_name: str) -> Plan:
         i, v = volumes[name]
         disks.append(DiskUse(name, f"{T}.domain.disks[{j}]", v, f"{T}.volumes[{i}]", d))
         used[name] = f"{T}.domain.disks[{j}]"
-    if len(disks) > types.MAX_DISKS:
-        raise SpecError(f"{T}.domain.disks: {len(disks)} disks with the root, at most {types.MAX_DISKS}")
+    own = 1 if any(d.root for d in disks) else 2  # cloud-init, and the ephemeral root unless a volume is the root
+    if len(disks) + own > types.NODE_MAX_DISKS:
+        raise SpecError(f"{T}.domain.disks: {len(disks)} disks and the node's own {own} (cloud-init"
+                        f"{'' if own == 1 else ', the ephemeral root'}) are more than the node's "
+                        f"{types.NODE_MAX_DISKS}")
 
     filesystems: list[FilesystemUse] = []
     paths: dict[str, int] = {}

@@ -51,6 +51,9 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 LABEL_VM = "vmlet.dev/vm"
 LABEL_VM_UID = "vmlet.dev/vm-uid"
 MAX_DISKS = 32  # the node's limit on vmlet.dev/disks entries (cri_shim/storage/disk_spec.py)
+# The node's default max_disks (cri_shim/config.py): every disk counts, vmlet's cloud-init disk and an ephemeral
+# root too. A node configured lower refuses the pod (CreateContainerError), a higher one is not used.
+NODE_MAX_DISKS = 24
 # The pod is "<vm>-vm" and carries the VM's name as a label value: both cap the name.
 MAX_VM_NAME = 60
 

@@ -25,6 +25,7 @@ are errors, so a typo does not silently do nothing.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from typing import Any, Literal
 
@@ -120,8 +121,9 @@ def _enum(where: str, value: Any, allowed: tuple[str, ...]) -> str:
 def _path(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or len(value) > 4096 or _PATH_BAD.search(value):
         raise DiskSpecError(f"{where}: {_show(value)} is not an absolute path without spaces or control characters")
-    if value != "/" and value.endswith("/"):
-        value = value.rstrip("/")
+    if value == "/" or posixpath.normpath(value) != value:
+        raise DiskSpecError(f"{where}: {_show(value)} must be a normalised path other than / (no trailing /, "
+                            "//, . or ..): it is matched exactly against the container's mounts and devices")
     return value
 
 

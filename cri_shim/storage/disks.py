@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,11 @@ def _check_devices(devices: Sequence[api_pb2.Device]) -> None:
         field = f"config.devices[{i}]"
         if not d.host_path.startswith("/"):
             raise DiskPlanError(f"{field}.host_path {d.host_path!r} must be an absolute path")
-        if not d.container_path.startswith("/"):
-            raise DiskPlanError(f"{field}.container_path {d.container_path!r} must be an absolute path")
+        cpath = d.container_path
+        if (not cpath.startswith("/") or cpath == "/" or posixpath.normpath(cpath) != cpath
+                or any(c.isspace() for c in cpath)):
+            raise DiskPlanError(f"{field}.container_path {cpath!r} must be a normalised absolute path other than / "
+                                "without whitespace (the guest gets a link to the disk there)")
         perms = d.permissions or "rwm"
         if not set(perms) <= DISK_PERMISSIONS:
             raise DiskPlanError(f"{field}.permissions {d.permissions!r} may only hold r, w and m")
@@ -129,7 +133,7 @@ def _volume_dir(field: str, host_path: str) -> str:
 
 
 def plan(disks: Sequence[DiskSpec], mounts: Sequence[api_pb2.Mount], devices: Sequence[api_pb2.Device],
-         *, max_disks: int, fixed_disks: int = 2) -> tuple[list[Planned], set[str]]:
+         *, max_disks: int) -> tuple[list[Planned], set[str]]:
     """The disks from the pod's volumes, in domain order (annotation order, then devices no entry
     names), and the container paths of the mounts they consume (not shared over virtio-fs)."""
     _check_devices(devices)
@@ -180,13 +184,20 @@ def plan(disks: Sequence[DiskSpec], mounts: Sequence[api_pb2.Mount], devices: Se
         spec = DiskSpec(name=name, source="device", path=d.container_path)
         planned.append(Planned(spec, field, _block_device(field, d.host_path), "w" not in (d.permissions or "rwm")))
     serials: dict[str, str] = {}
+    volumes: dict[str, str] = {}
     for p in planned:
         other = serials.setdefault(p.spec.effective_serial, p.field)
         if other != p.field:
             raise DiskPlanError(f"{p.field}: serial {p.spec.effective_serial!r} is also {other}'s")
-    if len(planned) + fixed_disks > max_disks:
+        # One disk per volume: QEMU would refuse the second at start (image locking), after an import.
+        other = volumes.setdefault(p.host_path, p.field) if p.host_path else p.field
+        if other != p.field:
+            raise DiskPlanError(f"{p.field}.host_path is the same volume as {other}'s ({p.host_path}): "
+                                "a volume can be one disk only")
+    own = ["cloud-init"] if any(p.spec.root for p in planned) else ["root", "cloud-init"]
+    if len(planned) + len(own) > max_disks:
         raise DiskPlanError(f"pod annotation {DISKS} and config.devices: {len(planned)} disks plus the "
-                            f"{fixed_disks} of vmlet (root, cloud-init) are more than this node's max_disks of "
+                            f"{len(own)} of vmlet ({', '.join(own)}) are more than this node's max_disks of "
                             f"{max_disks}")
     return planned, consumed
 
