@@ -11,6 +11,8 @@ must name the field.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,8 +144,9 @@ def disks_request(draw):
     text = draw(st.sampled_from(["yaml", "yaml", "yaml", "garbage"]))
     annotation = yaml.safe_dump(entries) if text == "yaml" else draw(st.sampled_from(
         ["{", "- [", "not a list", "- 1\n- 2", "&a [*a]", "- name: a\n  volume: /vmlet/v0\n" * 40]))
-    devices = draw(st.lists(st.tuples(st.sampled_from(["/dev/d0", "/dev/d1", "/dev/d0", "rel"]),
-                                      st.sampled_from(["/dev/null", "file", "missing", "relative", "dir"]),
+    devices = draw(st.lists(st.tuples(st.sampled_from(["/dev/d0", "/dev/d1", "/dev/d0", "rel", "/dev/a b", "/dev/x/"]),
+                                      st.sampled_from(["loop", "loop", "/dev/null", "file", "missing", "relative",
+                                                       "dir"]),
                                       st.sampled_from(["rw", "r", "mrw", "", "w", "rwx"])), max_size=2))
     extra = draw(st.sampled_from([{}, {}, {"VirtletRootVolumeSize": "1Gi"}, {"vmlet.dev/root-reimage": "true"},
                                   {"VirtletDiskDriver": "scsi"}]))
@@ -159,9 +162,22 @@ def _disk_fields_named(rpc, request, answer) -> list[str]:
     return [f"CreateContainer: INVALID_ARGUMENT for a disk does not name the field: {answer.details[:300]!r}"]
 
 
+@pytest.fixture(scope="module")
+def fuzz_loop(work_root):
+    """A real block device for the accepted-device paths (a loop device on a sparse file, detached after)."""
+    from tests.support import storage
+    backing = work_root / f"fuzz-loop-{os.getpid()}.img"
+    dev = storage.attach_loop(backing, 16 * 1024 * 1024)
+    try:
+        yield dev
+    finally:
+        storage.detach_loop(dev)
+        backing.unlink(missing_ok=True)
+
+
 @settings(max_examples=examples(30))
 @given(req=disks_request())
-def test_disks_of_the_pod(fuzzer, req):
+def test_disks_of_the_pod(fuzzer, fuzz_loop, req):
     """Random `vmlet.dev/disks` entries against random mounts and devices: every refusal names its field,
     nothing answers INTERNAL, and whatever is accepted is a VM whose status can be read (and nothing leaks:
     the fuzzer's host watch covers domains, mounts and files)."""
@@ -178,7 +194,7 @@ def test_disks_of_the_pod(fuzzer, req):
     for name in ("v0", "v1", "cfg"):
         container.mounts.add(container_path=f"/vmlet/{name}", host_path=str(base / name), readonly=name == "cfg")
     hosts = {"/dev/null": "/dev/null", "file": str(base / "file"), "missing": str(base / "missing"),
-             "relative": "relative/dev", "dir": str(base / "dir")}
+             "relative": "relative/dev", "dir": str(base / "dir"), "loop": str(fuzz_loop)}
     for cpath, host, perms in devices:
         container.devices.add(container_path=cpath, host_path=hosts[host], permissions=perms)
     run = api_pb2.RunPodSandboxRequest(config=pod)
