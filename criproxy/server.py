@@ -127,9 +127,15 @@ class Proxy:
         (a byte search): then, in a list (`listing`), the items carrying one are dropped; elsewhere the
         answer is refused. Raises BackendError (INTERNAL: an answer that does not parse or cannot be
         routed; RESOURCE_EXHAUSTED: one grown past the message limit)."""
-        if not routing.has_id_fields(resp_cls.DESCRIPTOR):
-            return raw
         default = backend == self.routes.default
+        if not routing.has_id_fields(resp_cls.DESCRIPTOR):
+            if not default:  # nothing to rewrite, but the kubelet must not get a non-default backend's garbage
+                try:
+                    resp_cls.FromString(raw)
+                except DecodeError as e:
+                    raise self.backends[backend].unreadable(resp_cls.DESCRIPTOR.name, "a message that does not parse",
+                                                            e)
+            return raw
         if default and not any(m in raw for m in self._foreign):
             return raw
         try:
