@@ -7,7 +7,8 @@ decoded only when the proxy must look inside:
 - the request carries a routing ID (`pod_sandbox_id`/`container_id`) -> decode it to
   read the ID; a default-backend request is then forwarded as the original bytes, a
   prefixed one is re-encoded without the prefix (python protobuf keeps unknown fields
-  on re-encoding); the response of a non-default backend is decoded to prefix its IDs;
+  on re-encoding); the response of a non-default backend is decoded to prefix its IDs
+  (one without IDs is decoded only to check that it parses, then passed on as it came);
 - RunPodSandbox (the target-runtime annotation), image calls (the image name);
 - List*/Stream* calls fan out concurrently to the backends the filter allows and merge
   by concatenating the serialized responses (the default's bytes are never decoded);
