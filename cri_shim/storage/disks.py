@@ -321,39 +321,55 @@ def _build_one(p: Planned, base: dict, files: VMFiles, pod: PodFiles, root_image
     return Attached(**base, source="file", path=str(path), host_path=str(path), format="qcow2")
 
 
-def bind(files: VMFiles, d: Attached) -> None:
+def bind(files: VMFiles, d: Attached, *, source_fd: int | None = None,
+         validator: volume_image.Validator | None = None) -> None:
     """Bind `d.host_path` at `d.path` in the VM directory (idempotent; again after a host reboot).
 
-    A disk image is bound from an fd opened without following symlinks: the guest's volume could
-    hold a symlink named disk.img by now."""
+    A disk image is bound from the fd of exactly the inode that was checked: `source_fd` from the
+    caller's volume_image.open_checked/ensure_open, else checked here as `d.format`. Looking the name
+    up again after a check would bind whatever another pod on the volume renamed into place meanwhile
+    (a qcow2 with an external data file: QEMU opens that even with an empty <backingStore/>)."""
     target = Path(d.path)
     if pod_volumes.is_mountpoint(target):
         return
-    files.disks_dir.mkdir(parents=True, exist_ok=True)
-    files.disks_dir.chmod(0o711)
-    target.touch(mode=0o600, exist_ok=True)  # a mount point for a file or a device node
-    if d.kind == "volume":
-        fd = volume_image.open_image(Path(d.host_path).parent)
-        try:
-            pod_volumes.attach_clone(d.host_path, str(target), read_only=d.readonly, source_fd=fd)
-        finally:
+    fd = None
+    if d.kind == "volume" and source_fd is None:
+        fd, _ = volume_image.open_checked(Path(d.host_path).parent, validator=validator, read_only=d.readonly,
+                                          expect_format=d.format)
+    try:
+        files.disks_dir.mkdir(parents=True, exist_ok=True)
+        files.disks_dir.chmod(0o711)
+        target.touch(mode=0o600, exist_ok=True)  # a mount point for a file or a device node
+        if d.kind == "volume":
+            checked = source_fd if fd is None else fd
+            try:
+                pod_volumes.attach_clone(d.host_path, str(target), read_only=d.readonly, source_fd=checked)
+            except pod_volumes.VolumeMountError:
+                if os.fstat(checked).st_nlink == 0:  # the kernel binds no deleted file
+                    raise volume_image.VolumeImageError(
+                        f"{d.host_path} was replaced after vmlet checked it (another pod on the volume?); "
+                        "nothing was bound") from None
+                raise
+        else:
+            pod_volumes.attach_clone(d.host_path, str(target), read_only=d.readonly)
+    finally:
+        if fd is not None:
             os.close(fd)
-    else:
-        pod_volumes.attach_clone(d.host_path, str(target), read_only=d.readonly)
 
 
-def rebind(files: VMFiles) -> None:
-    """StartContainer: the binds are gone after the VM stopped or the host rebooted. DiskBuildError
-    names the disk when its volume no longer holds a usable image."""
+def rebind(files: VMFiles, *, validator: volume_image.Validator | None = None) -> None:
+    """StartContainer: the binds are gone after the VM stopped or the host rebooted. Every disk image
+    is checked again, as the inode QEMU will open: another pod on the volume may have rewritten it
+    since the last check. DiskBuildError names the disk when it is no longer usable."""
     for d in load(files.disks_record):
         if not d.bind:
             continue
         try:
-            if d.kind == "volume":
-                # The volume's disk.img is checked again: another pod may have replaced it meanwhile.
-                if volume_image.inspect(Path(d.host_path).parent) is None:
-                    raise volume_image.VolumeImageError(f"{d.host_path} is gone")
-            bind(files, d)
+            if d.kind == "volume" and pod_volumes.is_mountpoint(Path(d.path)):
+                # The create's bind is still there: its inode, not the name's, is what QEMU gets.
+                volume_image.check_file(Path(d.path), d.format, validator=validator)
+            else:
+                bind(files, d, validator=validator)
         except (volume_image.VolumeImageError, pod_volumes.VolumeMountError, OSError) as e:
             raise DiskBuildError(f"disk {d.name!r}: {e}") from None
 

@@ -4,12 +4,15 @@ A root is imported when it is blank, or when the pod asks for it (`vmlet.dev/roo
 only used. What vmlet wrote is recorded where the root is, so the next pod, container or node knows:
 
 * file root (a filesystem volume): `disk.img`, raw, converted into `disk.img.vmlet-import`, grown to
-  the capacity, fsynced, recorded in `.vmlet-disk.json` (`root.imageDigest`), then renamed to disk.img.
-  A leftover temp file means the import did not finish: it is deleted and the import redone.
+  the capacity, fsynced, recorded in `.vmlet-disk.json` (`root.imageDigest`, `root.state: importing`),
+  renamed to disk.img, recorded `state: ready`. A record still saying importing means vmlet's import did
+  not finish: it is done again. A file at the temp's name is only ever deleted: anyone can make one, so
+  it is no reason to import. The whole call holds the volume's lock (volume_image.locked).
 * block root: the image at offset HEADER_SIZE (the guest sees a libvirt slice from there), then vmlet's
   header in the first 4 KiB: magic, version, length, crc32 and JSON {imageDigest, image, importedAt}.
-  The header is written last (and cleared first when re-imaging), so a crash leaves a blank header
-  and the next call imports again.
+  The header is written last, in one 4 KiB write (and cleared first when re-imaging), so a crash leaves a
+  blank header and the next call imports again. A header with the magic that fails its checks is not a
+  crash's outcome: it is refused, not imported over, unless the pod asks to re-image.
 
 Nothing on a root is ever deleted but vmlet's own temp file; the base image is the image store's
 (validated when pulled).
@@ -42,6 +45,7 @@ _HEADER = struct.Struct(">12sIII")  # magic, version, JSON length, crc32 of the 
 MAX_HEADER_JSON = HEADER_BLOCK - _HEADER.size
 MAX_IMAGE_NAME = 1024  # the image name is informative: cut so the header always fits its block
 IMPORT_TEMP = vi.IMAGE_NAME + ".vmlet-import"
+IMPORTING, READY = "importing", "ready"  # root.state in a file root's record
 QEMU_IMG_MIN_TIMEOUT = 120.0
 QEMU_IMG_MIN_RATE = 8 * vi.MIB  # bytes/s a qemu-img run may not fall below before it is called hung
 
@@ -51,11 +55,19 @@ class RootError(Exception):
 
 
 class RootDigestMismatch(RootError):
-    def __init__(self, path: Path, recorded: str, wanted: str) -> None:
+    def __init__(self, path: Path, recorded: str, wanted: str, importing: bool = False) -> None:
         self.recorded, self.wanted = recorded, wanted
-        super().__init__(f"the persistent root {path} holds image {recorded} (vmlet's record), not the pod's "
+        holds = f"was being imported with image {recorded} (an interrupted re-image)" if importing \
+            else f"holds image {recorded}"
+        super().__init__(f"the persistent root {path} {holds} (vmlet's record), not the pod's "
                          f"image {wanted}; set the pod annotation {ROOT_REIMAGE}: \"true\" to write the pod's "
                          "image over it")
+
+
+class RootHeaderDamaged(RootError):
+    def __init__(self, device: Path, why: str) -> None:
+        super().__init__(f"damaged vmlet header on {device} ({why}); set the pod annotation {ROOT_REIMAGE}: "
+                         "\"true\" to write the image again")
 
 
 class RootTooSmall(RootError):
@@ -115,33 +127,40 @@ def _root_record(digest: str, image: str) -> dict:
 def prepare_file_root(volume_dir: Path, *, base: Path, base_format: str, digest: str, image: str,
                       capacity: int | None, reimage: bool, validator: Validator | None = None) -> RootDisk:
     """`<volume>/disk.img` holding the pod's image: imported now when there is none (or `reimage` over
-    another), else used as it is: vmlet's import of `digest`, or a user's own disk (digest None)."""
+    another, or vmlet's own import of it was interrupted), else used as it is: vmlet's import of
+    `digest`, or a user's own disk (digest None). `capacity` is fitted as volume_image.fit_capacity
+    does; the root must still hold the image (RootTooSmall)."""
     path = volume_dir / vi.IMAGE_NAME
-    dirfd = vi.open_volume(volume_dir)
-    try:
-        interrupted = vi.remove_temp(dirfd, volume_dir, IMPORT_TEMP)
+    with vi.locked(volume_dir) as dirfd:
+        vi.remove_leftovers(dirfd, volume_dir)
+        vi.remove_temp(dirfd, volume_dir, IMPORT_TEMP)  # a crash's (or anyone's): never a reason to import
         present = _lstat(dirfd, vi.IMAGE_NAME)
         record = vi._read_record_at(dirfd, volume_dir)
         root = record.get("root") if record else None
         recorded = root.get("imageDigest") if isinstance(root, dict) else None
+        # Written before the rename, "ready" after it: disk.img may still be what was there before.
+        importing = isinstance(root, dict) and root.get("state") == IMPORTING
         if present is not None:
-            # The record is written before the rename: a leftover temp with the pod's digest recorded
-            # means disk.img is still what was there before the import.
-            if recorded == digest and not interrupted:
-                used = vi._inspect_at(dirfd, volume_dir, validator)
-                return RootDisk(path, used.format, 0, None, imported=False, digest=digest)
+            if recorded == digest and not importing:
+                return _use(dirfd, volume_dir, validator, digest)
             if recorded is not None and recorded != digest and not reimage:
-                raise RootDigestMismatch(path, recorded, digest)
+                raise RootDigestMismatch(path, recorded, digest, importing=importing)
             if recorded is None and not reimage:  # a user's own disk (or a data disk vmlet created)
-                used = vi._inspect_at(dirfd, volume_dir, validator)
-                return RootDisk(path, used.format, 0, None, imported=False, digest=None)
+                return _use(dirfd, volume_dir, validator, None)
             if not stat.S_ISREG(present.st_mode):
                 raise vi.VolumeImageRejected(f"{path} is {vi._kind(present.st_mode)}, not a regular file; "
                                              "vmlet does not write the image over it")
-        return _import_file(dirfd, volume_dir, base, base_format, digest, image, capacity,
+        return _import_file(dirfd, volume_dir, base, base_format, digest, image, capacity, previous=record,
                             replace=present is not None, freed=(present.st_blocks * 512) if present else 0)
-    finally:
-        os.close(dirfd)
+
+
+def _use(dirfd: int, volume_dir: Path, validator: Validator | None, digest: str | None) -> RootDisk:
+    got = vi._check_at(dirfd, volume_dir, validator, read_only=False)
+    if got is None:
+        raise vi.VolumeImageError(f"{volume_dir / vi.IMAGE_NAME} vanished while vmlet held its volume's lock")
+    fd, used = got
+    os.close(fd)
+    return RootDisk(used.path, used.format, 0, None, imported=False, digest=digest)
 
 
 def _lstat(dirfd: int, name: str) -> os.stat_result | None:
@@ -152,23 +171,23 @@ def _lstat(dirfd: int, name: str) -> os.stat_result | None:
 
 
 def _import_file(dirfd: int, volume_dir: Path, base: Path, base_format: str, digest: str, image: str,
-                 capacity: int | None, replace: bool, freed: int) -> RootDisk:
+                 capacity: int | None, previous: dict | None, replace: bool, freed: int) -> RootDisk:
     path, tmp_path = volume_dir / vi.IMAGE_NAME, volume_dir / IMPORT_TEMP
     vsize = base_virtual_size(base, base_format)
     if capacity is not None and capacity <= 0:
         raise RootError(f"capacity of {path} must be greater than zero, not {capacity}")
-    size = vi.round_up_mib(capacity) if capacity is not None else vi.default_capacity(volume_dir)
+    wanted = vi.round_up_mib(capacity) if capacity is not None else vi.default_capacity(volume_dir)
+    if wanted < vsize:
+        raise RootTooSmall(path, image, vsize, wanted)
+    # A replaced disk.img's blocks come back.
+    size = vi.fit_capacity(volume_dir, path, wanted, freed=freed, what="import the image into")
     if size < vsize:
         raise RootTooSmall(path, image, vsize, size)
-    available = vi.fs_available(volume_dir) + freed  # a replaced disk.img's blocks come back
-    if size > available:
-        raise vi.CapacityError(path, size, available, what="import the image into")
     try:
         fd = os.open(IMPORT_TEMP, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660,
                      dir_fd=dirfd)
     except OSError as e:
         raise RootError(f"cannot create {tmp_path}: {e.strerror}") from None
-    recorded = False
     try:
         try:
             os.ftruncate(fd, size)  # sparse and zero: qemu-img need not write the image's holes
@@ -183,22 +202,46 @@ def _import_file(dirfd: int, volume_dir: Path, base: Path, base_format: str, dig
         except OSError as e:
             raise RootError(f"cannot flush {tmp_path}: {e.strerror}") from None
         crashpoint("root.import.after-convert")
-        recorded = True  # from here on disk.img may be recorded as the import: the temp must stay if we fail
+        root = _root_record(digest, image)
+        # From here on until "ready" the record says importing: a crash makes the next call import again.
         vi.write_record_at(dirfd, volume_dir, {"format": "raw", "createdBy": "vmlet",
-                                               "root": _root_record(digest, image)})
+                                               "root": {**root, "state": IMPORTING}})
         crashpoint("root.import.after-record")
         written = os.fstat(fd)
-        vi.publish(dirfd, volume_dir, IMPORT_TEMP, replace=replace)
+        try:
+            vi.publish(dirfd, volume_dir, IMPORT_TEMP, replace=replace)
+        except vi.VolumeImageError:
+            if not replace and _lstat(dirfd, vi.IMAGE_NAME) is not None:
+                # Another writer's disk.img appeared: ours was not published, and "importing" must not
+                # make the next call import over theirs.
+                _restore_record(dirfd, volume_dir, previous)
+            raise
         now = _lstat(dirfd, vi.IMAGE_NAME)
         if now is None or (now.st_dev, now.st_ino) != (written.st_dev, written.st_ino):
             raise RootError(f"{path} changed while vmlet renamed its import onto it; retry")
-    except BaseException:
-        if not recorded:
-            vi.remove_temp(dirfd, volume_dir, IMPORT_TEMP)
-        raise
+        crashpoint("root.import.after-rename")
+        vi.write_record_at(dirfd, volume_dir, {"format": "raw", "createdBy": "vmlet",
+                                               "root": {**root, "state": READY}})
     finally:
         os.close(fd)
+        try:
+            vi.remove_temp(dirfd, volume_dir, IMPORT_TEMP)  # gone after the rename; else a failure's leftover
+        except vi.VolumeImageError:
+            pass
     return RootDisk(path, "raw", 0, None, imported=True, digest=digest)
+
+
+def _restore_record(dirfd: int, volume_dir: Path, previous: dict | None) -> None:
+    if previous is not None:
+        vi.write_record_at(dirfd, volume_dir, previous)
+        return
+    try:
+        os.unlink(vi.RECORD_NAME, dir_fd=dirfd)
+        vi.fsync_dir(dirfd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise vi.VolumeImageError(f"cannot remove {volume_dir / vi.RECORD_NAME}: {e.strerror}") from None
 
 
 # ---------------------------------------------------------------- block root
@@ -212,23 +255,28 @@ def _encode_header(record: dict) -> bytes:
 
 
 def _decode_header(block: bytes, device: Path) -> dict | None:
-    """vmlet's header, or None: no magic (blank or a user's disk), or a torn one (vmlet's own write cut short
-    by a crash: the image under it is there, the header must be written again)."""
-    if not block.startswith(HEADER_MAGIC) or len(block) < _HEADER.size:
+    """vmlet's header, or None when the first bytes are not vmlet's magic (blank or a user's disk).
+    RootHeaderDamaged when the magic is there and the rest fails its checks: the header is one 4 KiB
+    write after an fsync of the image, so that is damage (or a forgery), not a crash's outcome."""
+    if not block.startswith(HEADER_MAGIC):
         return None
+    if len(block) < _HEADER.size:
+        raise RootHeaderDamaged(device, "cut short")
     _, version, length, crc = _HEADER.unpack_from(block)
     if version != HEADER_VERSION:
         raise RootError(f"{device} has a vmlet root header of version {version}, which this vmlet does not "
                         f"know (it writes version {HEADER_VERSION})")
+    if length > MAX_HEADER_JSON:
+        raise RootHeaderDamaged(device, f"length {length} is over {MAX_HEADER_JSON}")
     body = block[_HEADER.size:_HEADER.size + length]
-    if length > MAX_HEADER_JSON or zlib.crc32(body) != crc:
-        return None
+    if zlib.crc32(body) != crc:
+        raise RootHeaderDamaged(device, "crc32 mismatch")
     try:
         record = json.loads(body)
     except ValueError:
-        return None
+        record = None
     if not isinstance(record, dict) or not isinstance(record.get("imageDigest"), str):
-        return None
+        raise RootHeaderDamaged(device, "no JSON object with an imageDigest")
     return record
 
 
@@ -266,7 +314,7 @@ def _pread_all(fd: int, n: int, offset: int, device: Path) -> bytes:
 
 def read_block_header(device: Path) -> dict | None:
     """The JSON of vmlet's root header on `device` ({imageDigest, image, importedAt}), None when there is
-    none (a blank device, a user's disk, a header torn by a crash)."""
+    none (a blank device, a user's disk); RootHeaderDamaged for a header that fails its checks."""
     fd = _open_block(device, os.O_RDONLY)
     try:
         return _decode_header(_pread_all(fd, HEADER_BLOCK, 0, device), device)
@@ -297,7 +345,12 @@ def prepare_block_root(device: Path, *, base: Path, base_format: str, digest: st
         except OSError as e:
             raise RootError(f"cannot read the size of {device}: {e.strerror}") from None
         first = _pread_all(fd, HEADER_SIZE, 0, device)
-        header = _decode_header(first, device)
+        try:
+            header = _decode_header(first, device)
+        except RootHeaderDamaged:
+            if not reimage:
+                raise
+            header = None  # the pod asks for the image to be written again: over the damage
         slice_size = dev_size - HEADER_SIZE
         if header is not None:
             recorded = header["imageDigest"]
@@ -305,8 +358,8 @@ def prepare_block_root(device: Path, *, base: Path, base_format: str, digest: st
                 return RootDisk(device, "raw", HEADER_SIZE, slice_size, imported=False, digest=digest)
             if not reimage:
                 raise RootDigestMismatch(device, recorded, digest)
-        elif first.startswith(HEADER_MAGIC) or first.count(0) == len(first):
-            pass  # blank, or vmlet's header torn by a crash: import
+        elif first.count(0) == len(first):
+            pass  # blank: import
         elif not reimage:
             return RootDisk(device, "raw", 0, None, imported=False, digest=None)
         vsize = base_virtual_size(base, base_format)

@@ -6,27 +6,44 @@ fd that is then used, and an existing image is only ever read. Absent, it is cre
 format is fixed once, in `.vmlet-disk.json` beside it: a guest may write a qcow2 header into its own raw
 disk, and that must never make the host open it as qcow2 (with a backing file of the guest's choosing).
 
+The check and the use are one inode: open_checked/ensure_open return the O_PATH fd of exactly the file
+they validated (qemu-img reads it through /proc/<pid>/fd/N), and the caller binds that fd, so a hostile
+qcow2 renamed into place after the check is never what QEMU gets. Every call holds an exclusive flock
+on the volume's directory fd (two pods of one claim on this node take turns), and deletes vmlet's own
+leftovers of a crash first. A read-only volume is never written: no record, no file, no cleanup.
+
     <volume>/disk.img                  the disk (raw or qcow2)
     <volume>/.vmlet-disk.json          {"format": "raw"|"qcow2", "createdBy": "vmlet"?, "root": {...}?}
     <volume>/disk.img.vmlet-create     vmlet's temp file while creating disk.img (a leftover is deleted)
+    <volume>/..vmlet-disk.json.tmp     the record's temp file while it is written (a leftover is deleted)
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from cri_shim.crashpoints import crashpoint
 from image_service.errors import ImageRejected
 from image_service.validate import QCOW2_MAGIC, Validator
 
 IMAGE_NAME = "disk.img"
 RECORD_NAME = ".vmlet-disk.json"
 CREATE_TEMP = IMAGE_NAME + ".vmlet-create"
+RECORD_TEMP = f".{RECORD_NAME}.tmp"  # _write_at's temp of the record
 FS_OVERHEAD = 0.055  # KubeVirt's default file system overhead
+# KubeVirt's lessPVCSpaceToleration: a disk that does not fit is shrunk to the free space when that is at
+# most this many percent less (a CSI driver's ext4 of exactly the claim's size holds less than the claim).
+SPACE_TOLERATION = 10
+LOCK_TIMEOUT = 900.0  # seconds a call waits for another one on the same volume (an import) to finish
 MIB = 1024 * 1024
 MAX_RECORD_BYTES = 64 * 1024
 FORMATS = ("raw", "qcow2")
@@ -45,12 +62,13 @@ class VolumeImageRejected(VolumeImageError):
 
 
 class CapacityError(VolumeImageError):
-    """The file system cannot hold the disk: `.requested` and `.available` bytes."""
+    """The file system cannot hold the disk: `.requested` and `.available` bytes (free for root)."""
 
     def __init__(self, path: Path, requested: int, available: int, what: str = "create") -> None:
         self.requested, self.available = requested, available
         super().__init__(f"cannot {what} {path} of {requested} bytes ({human(requested)}): the file system "
-                         f"holding {path.parent} has {available} bytes ({human(available)}) available")
+                         f"holding {path.parent} has {available} bytes ({human(available)}) available, and vmlet "
+                         f"shrinks a disk by at most {SPACE_TOLERATION}% to fit")
 
 
 @dataclass(frozen=True)
@@ -120,21 +138,9 @@ def fd_path(fd: int) -> Path:
     return Path(f"/proc/{os.getpid()}/fd/{fd}")
 
 
+
 def fsync_dir(dirfd: int) -> None:
     os.fsync(dirfd)
-
-
-def open_image(volume_dir: Path) -> int:
-    """An O_PATH|O_NOFOLLOW|O_CLOEXEC fd of `<volume>/disk.img`, checked to be a regular file
-    (VolumeImageRejected otherwise; VolumeImageError when there is none). The caller closes it."""
-    dirfd = open_volume(volume_dir)
-    try:
-        fd = _open_entry(dirfd, IMAGE_NAME, volume_dir / IMAGE_NAME)
-    finally:
-        os.close(dirfd)
-    if fd is None:
-        raise VolumeImageError(f"{volume_dir / IMAGE_NAME} does not exist")
-    return fd
 
 
 # ---------------------------------------------------------------- the record
@@ -191,6 +197,7 @@ def _write_at(dirfd: int, directory: Path, name: str, data: bytes, mode: int = 0
             os.fsync(fd)
         finally:
             os.close(fd)
+        crashpoint("volume.record.after-temp")
         os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         fsync_dir(dirfd)
     except OSError as e:
@@ -217,6 +224,54 @@ def write_record(volume_dir: Path, record: dict) -> None:
         os.close(dirfd)
 
 
+# ---------------------------------------------------------------- the lock, leftovers
+
+def lock_volume(dirfd: int, volume_dir: Path, *, read_only: bool = False, timeout: float = LOCK_TIMEOUT) -> None:
+    """An exclusive flock on the volume's directory fd, held until the fd is closed: two calls on one
+    volume (two pods of a claim importing at once) take turns. A file system that cannot lock refuses a
+    writing call; a read-only one writes nothing, so it goes on unlocked. The lock is this node's:
+    network file systems keep directory flocks local."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise VolumeImageError(f"volume {volume_dir} is busy: another vmlet call on it (an image "
+                                       f"import?) did not finish within {timeout:.0f}s") from None
+            time.sleep(0.05)
+        except OSError as e:
+            if read_only:
+                return
+            raise VolumeImageError(f"cannot lock volume {volume_dir}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def locked(volume_dir: Path, *, read_only: bool = False) -> Iterator[int]:
+    """The volume's O_DIRECTORY fd, locked (lock_volume) for the block; closed (and unlocked) after."""
+    dirfd = open_volume(volume_dir)
+    try:
+        lock_volume(dirfd, volume_dir, read_only=read_only)
+        yield dirfd
+    finally:
+        os.close(dirfd)
+
+
+def remove_leftovers(dirfd: int, volume_dir: Path) -> list[str]:
+    """Delete what a crash leaves of vmlet's own files (a second link of disk.img at the create temp's
+    name, a half-written record temp); under the lock, so no call of this node is writing them. A
+    directory at such a name is not vmlet's and stays. The names deleted."""
+    gone = []
+    for name in (CREATE_TEMP, RECORD_TEMP):
+        try:
+            if remove_temp(dirfd, volume_dir, name):
+                gone.append(name)
+        except VolumeImageRejected:
+            pass  # a directory: refused when vmlet needs the name, left alone here
+    return gone
+
+
 # ---------------------------------------------------------------- sizes
 
 def fs_size(volume_dir: Path) -> int:
@@ -224,9 +279,10 @@ def fs_size(volume_dir: Path) -> int:
     return st.f_blocks * st.f_frsize
 
 
-def fs_available(volume_dir: Path) -> int:
+def fs_free(volume_dir: Path) -> int:
+    """The bytes root may still use (f_bfree: vmlet runs as root, the reserved blocks count)."""
     st = os.statvfs(volume_dir)
-    return st.f_bavail * st.f_frsize
+    return st.f_bfree * st.f_frsize
 
 
 def default_capacity(volume_dir: Path) -> int:
@@ -235,48 +291,122 @@ def default_capacity(volume_dir: Path) -> int:
     return fs_size(volume_dir) * keep // 1000 // MIB * MIB
 
 
-# ---------------------------------------------------------------- inspect / ensure
+def fit_capacity(volume_dir: Path, path: Path, capacity: int | None, *, freed: int = 0,
+                 what: str = "create") -> int:
+    """The size a disk of `capacity` bytes (rounded up to a MiB; None: default_capacity) gets on the
+    volume: itself when the free space (plus `freed`, the blocks of a file it replaces) holds it, the free
+    space rounded down to a MiB when that is at most SPACE_TOLERATION percent less, else CapacityError."""
+    if capacity is not None and capacity <= 0:
+        raise VolumeImageError(f"capacity of {path} must be greater than zero, not {capacity}")
+    wanted = round_up_mib(capacity) if capacity is not None else default_capacity(volume_dir)
+    free = fs_free(volume_dir) + freed
+    if 0 < wanted <= free:
+        return wanted
+    shrunk = free // MIB * MIB
+    if shrunk > 0 and free * 100 >= wanted * (100 - SPACE_TOLERATION):
+        return shrunk
+    raise CapacityError(path, wanted, free, what)
 
-def _inspect_at(dirfd: int, volume_dir: Path, validator: Validator | None) -> VolumeImage | None:
-    path = volume_dir / IMAGE_NAME
-    pfd = _open_entry(dirfd, IMAGE_NAME, path)
-    if pfd is None:
-        return None
+
+# ---------------------------------------------------------------- checks
+
+def _validate_inode(pfd: int, path: Path, fmt: str | None, validator: Validator | None):
+    """(format, ImageInfo) of the inode of O_PATH fd `pfd`, taken as `fmt` (None: qcow2 if it has the
+    magic, else raw); VolumeImageRejected when it is not acceptable so."""
     try:
-        record = _read_record_at(dirfd, volume_dir)
-        try:
-            rfd = _reopen(pfd, os.O_RDONLY)
-        except OSError as e:
-            raise VolumeImageError(f"cannot open {path}: {e.strerror}") from None
-    finally:
-        os.close(pfd)
+        rfd = _reopen(pfd, os.O_RDONLY)
+    except OSError as e:
+        raise VolumeImageError(f"cannot open {path}: {e.strerror}") from None
     try:
-        if record is not None:
-            fmt = record["format"]
-        else:
+        if fmt is None:
             fmt = "qcow2" if os.pread(rfd, len(QCOW2_MAGIC), 0) == QCOW2_MAGIC else "raw"
         try:
             # qemu-img and the header checks read our fd's inode, not the name another pod may swap.
-            info = (validator or Validator()).validate_volume_image(fd_path(rfd), fmt)
+            return fmt, (validator or Validator()).validate_volume_image(fd_path(rfd), fmt)
         except ImageRejected as e:
             raise VolumeImageRejected(f"{path} as {fmt}: {e}") from None
         except OSError as e:
             raise VolumeImageError(f"cannot read {path}: {e.strerror}") from None
     finally:
         os.close(rfd)
-    if record is None:
-        write_record_at(dirfd, volume_dir, {"format": fmt})  # fixed from now on, whatever the guest writes
-    return VolumeImage(path, fmt, info.virtual_size, created=False)
 
 
-def inspect(volume_dir: Path, *, validator: Validator | None = None) -> VolumeImage | None:
-    """The existing `<volume>/disk.img` as vmlet accepts it (writing its record if it had none), None when
-    there is none; VolumeImageRejected when it is hostile or unusable. Never writes to disk.img."""
-    dirfd = open_volume(volume_dir)
+def _check_at(dirfd: int, volume_dir: Path, validator: Validator | None, *, read_only: bool,
+              expect_format: str | None = None) -> tuple[int, VolumeImage] | None:
+    """(O_PATH fd, VolumeImage) of the existing disk.img as vmlet accepts it, None when there is none.
+    The format is the record's; without one `expect_format`, else probed, and recorded unless read-only
+    (a read-only disk cannot get a header from its guest, so probing it again each time is safe)."""
+    path = volume_dir / IMAGE_NAME
+    pfd = _open_entry(dirfd, IMAGE_NAME, path)
+    if pfd is None:
+        return None
     try:
-        return _inspect_at(dirfd, volume_dir, validator)
+        record = _read_record_at(dirfd, volume_dir)
+        recorded = record["format"] if record is not None else None
+        if expect_format is not None and recorded not in (None, expect_format):
+            raise VolumeImageRejected(f"{volume_dir / RECORD_NAME} says {path} is {recorded}, but the VM was "
+                                      f"created with it as {expect_format}; create the container again")
+        fmt, info = _validate_inode(pfd, path, recorded or expect_format, validator)
+        if record is None and not read_only:
+            write_record_at(dirfd, volume_dir, {"format": fmt})  # fixed from now on, whatever the guest writes
+        return pfd, VolumeImage(path, fmt, info.virtual_size, created=False)
+    except BaseException:
+        os.close(pfd)
+        raise
+
+
+def _missing(path: Path, read_only: bool) -> VolumeImageError:
+    if read_only:
+        return VolumeImageRejected(f"{path} does not exist and its volume is read-only: vmlet cannot create it "
+                                   "(put a disk image there, or mount the volume read-write)")
+    return VolumeImageError(f"{path} does not exist")
+
+
+def open_checked(volume_dir: Path, *, validator: Validator | None = None, read_only: bool = False,
+                 expect_format: str | None = None) -> tuple[int, VolumeImage]:
+    """The O_PATH|O_CLOEXEC fd of exactly the `<volume>/disk.img` inode that was validated, and what it
+    is; the caller binds that fd (never the name again) and closes it. `expect_format`: the format the VM
+    opens it as (the image is validated so; a record naming another is refused). `read_only`: nothing is
+    written. VolumeImageRejected for a hostile image, VolumeImageError when there is none."""
+    with locked(volume_dir, read_only=read_only) as dirfd:
+        if not read_only:
+            remove_leftovers(dirfd, volume_dir)
+        got = _check_at(dirfd, volume_dir, validator, read_only=read_only, expect_format=expect_format)
+    if got is None:
+        raise _missing(volume_dir / IMAGE_NAME, read_only)
+    return got
+
+
+def check_file(path: Path, fmt: str, *, validator: Validator | None = None) -> VolumeImage:
+    """Validate, as `fmt`, the file at `path` itself (opened O_PATH|O_NOFOLLOW, a regular file): e.g. a
+    disk's bind in the VM directory, the inode QEMU will open."""
+    try:
+        pfd = os.open(path, _PATH_FLAGS)
+    except OSError as e:
+        raise VolumeImageError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(pfd).st_mode
+        if not stat.S_ISREG(mode):
+            raise VolumeImageRejected(f"{path} is {_kind(mode)}, not a regular file")
+        _, info = _validate_inode(pfd, path, fmt, validator)
+        return VolumeImage(path, fmt, info.virtual_size, created=False)
     finally:
-        os.close(dirfd)
+        os.close(pfd)
+
+
+def inspect(volume_dir: Path, *, validator: Validator | None = None,
+            read_only: bool = False) -> VolumeImage | None:
+    """The existing `<volume>/disk.img` as vmlet accepts it (writing its record if it had none, unless
+    `read_only`), None when there is none; VolumeImageRejected when it is hostile or unusable. Never
+    writes to disk.img."""
+    with locked(volume_dir, read_only=read_only) as dirfd:
+        if not read_only:
+            remove_leftovers(dirfd, volume_dir)
+        got = _check_at(dirfd, volume_dir, validator, read_only=read_only)
+    if got is None:
+        return None
+    os.close(got[0])
+    return got[1]
 
 
 def remove_temp(dirfd: int, volume_dir: Path, name: str) -> bool:
@@ -309,6 +439,7 @@ def publish(dirfd: int, volume_dir: Path, tmp: str, replace: bool) -> None:
         else:
             try:
                 os.link(tmp, IMAGE_NAME, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
+                crashpoint("volume.publish.after-link")  # the temp is a second link: remove_leftovers' case
                 os.unlink(tmp, dir_fd=dirfd)
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
@@ -327,14 +458,9 @@ def publish(dirfd: int, volume_dir: Path, tmp: str, replace: bool) -> None:
         raise VolumeImageError(f"cannot rename {volume_dir / tmp} to {target}: {e.strerror}") from None
 
 
-def _create_at(dirfd: int, volume_dir: Path, capacity: int | None) -> VolumeImage:
+def _create_at(dirfd: int, volume_dir: Path, capacity: int | None) -> tuple[int, VolumeImage]:
     path = volume_dir / IMAGE_NAME
-    if capacity is not None and capacity <= 0:
-        raise VolumeImageError(f"capacity of {path} must be greater than zero, not {capacity}")
-    size = round_up_mib(capacity) if capacity is not None else default_capacity(volume_dir)
-    available = fs_available(volume_dir)
-    if size == 0 or size > available:
-        raise CapacityError(path, size, available)
+    size = fit_capacity(volume_dir, path, capacity)
     remove_temp(dirfd, volume_dir, CREATE_TEMP)
     try:
         fd = os.open(CREATE_TEMP, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660,
@@ -345,29 +471,45 @@ def _create_at(dirfd: int, volume_dir: Path, capacity: int | None) -> VolumeImag
         try:
             os.ftruncate(fd, size)  # sparse: no block is written
             os.fsync(fd)
+            pfd = _reopen(fd, os.O_PATH)  # the inode made here is the one the caller binds
         except OSError as e:
             raise VolumeImageError(f"cannot size {volume_dir / CREATE_TEMP} to {size} bytes: {e.strerror}") from None
         finally:
             os.close(fd)
-        publish(dirfd, volume_dir, CREATE_TEMP, replace=False)
+        try:
+            publish(dirfd, volume_dir, CREATE_TEMP, replace=False)
+            # After the rename: a crash before it leaves a zero raw disk.img without record, which
+            # inspect takes as raw, the same thing.
+            write_record_at(dirfd, volume_dir, {"format": "raw", "createdBy": "vmlet"})
+        except BaseException:
+            os.close(pfd)
+            raise
     except BaseException:
         remove_temp(dirfd, volume_dir, CREATE_TEMP)
         raise
-    # After the rename: a crash before it leaves a zero raw disk.img without record, which inspect
-    # takes as raw, the same thing.
-    write_record_at(dirfd, volume_dir, {"format": "raw", "createdBy": "vmlet"})
-    return VolumeImage(path, "raw", size, created=True)
+    return pfd, VolumeImage(path, "raw", size, created=True)
 
 
-def ensure(volume_dir: Path, capacity: int | None, *, validator: Validator | None = None) -> VolumeImage:
-    """`<volume>/disk.img`: the existing one as inspect() accepts it, or a new sparse raw one of `capacity`
-    bytes rounded up to a MiB (None: default_capacity), refused with CapacityError when the file system has
-    less available. `volume_dir` is the caller's realpath of the volume."""
-    dirfd = open_volume(volume_dir)
-    try:
-        existing = _inspect_at(dirfd, volume_dir, validator)
+def ensure_open(volume_dir: Path, capacity: int | None, *, validator: Validator | None = None,
+                read_only: bool = False) -> tuple[int, VolumeImage]:
+    """ensure(), with the O_PATH fd of exactly the inode it checked or created (see open_checked)."""
+    with locked(volume_dir, read_only=read_only) as dirfd:
+        if not read_only:
+            remove_leftovers(dirfd, volume_dir)
+        existing = _check_at(dirfd, volume_dir, validator, read_only=read_only)
         if existing is not None:
             return existing
+        if read_only:
+            raise _missing(volume_dir / IMAGE_NAME, read_only)
         return _create_at(dirfd, volume_dir, capacity)
-    finally:
-        os.close(dirfd)
+
+
+def ensure(volume_dir: Path, capacity: int | None, *, validator: Validator | None = None,
+           read_only: bool = False) -> VolumeImage:
+    """`<volume>/disk.img`: the existing one as inspect() accepts it, or a new sparse raw one of `capacity`
+    bytes rounded up to a MiB (None: default_capacity), fitted to the free space by fit_capacity
+    (CapacityError beyond its toleration). `read_only`: a read-only volume, never written (a missing
+    disk.img is VolumeImageRejected). `volume_dir` is the caller's realpath of the volume."""
+    fd, image = ensure_open(volume_dir, capacity, validator=validator, read_only=read_only)
+    os.close(fd)
+    return image

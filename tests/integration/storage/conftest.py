@@ -1,6 +1,7 @@
-"""Fixtures for the node's storage: filesystem volumes (directories; small file systems as tmpfs mounts),
-block volumes (loop devices on sparse files), small qcow2 test images with known contents, and a child
-process that runs a prepare_* call and dies at a crashpoint.
+"""Fixtures for the node's storage: filesystem volumes (directories; small file systems as tmpfs mounts;
+ext4 file systems made with mkfs.ext4 on loop devices, as a CSI driver makes a claim's, also read-only),
+block volumes (loop devices on sparse files), small qcow2 test images with known contents, a child
+process that runs a storage call and dies at a crashpoint, and one that runs a call while the test waits.
 
 Everything a fixture makes goes in its finalizer, also when the test fails: mounts are unmounted and loop
 devices detached (a leaked loop device outlives the test run).
@@ -8,6 +9,7 @@ devices detached (a leaked loop device outlives the test run).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from image_service.validate import Validator
 from tests.support.prereq import require
 
 REPO = Path(__file__).resolve().parents[3]
@@ -83,11 +86,46 @@ def small_fs() -> Iterator[Callable[[int], Path]]:
 
     yield make
     for d in made:
-        if os.path.ismount(d):
-            subprocess.run(["umount", str(d)], capture_output=True, timeout=60)
-        if os.path.ismount(d):
-            subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=60)
+        _unmount(d)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _unmount(d: Path) -> None:
+    for argv in (["umount", str(d)], ["umount", "-l", str(d)]):
+        if os.path.ismount(d):
+            subprocess.run(argv, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def ext4_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """ext4_fs(size, read_only=False, content=None) → the mount point of an ext4 that mkfs.ext4 made on a loop
+    device of a sparse file of `size` bytes (defaults, as a CSI driver formats a claim: metadata and 5%
+    reserved blocks included), filled from the directory `content` (mkfs.ext4 -d), mounted read-only when
+    asked. Unmounted and detached after, also when the test fails."""
+    require(os.geteuid() == 0, "needs root (losetup, mount)")
+    _need("losetup", "mkfs.ext4")
+    made: list[tuple[Path, str, Path]] = []
+
+    def make(size: int, read_only: bool = False, content: Path | None = None) -> Path:
+        backing = tmp_path / f"ext4-{len(made)}.raw"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        run("mkfs.ext4", "-q", *(["-d", str(content)] if content is not None else []), str(backing))
+        mnt = Path(tempfile.mkdtemp(prefix="vmlet-test-ext4-"))
+        dev = run("losetup", "-f", "--show", *(["-r"] if read_only else []), str(backing)).strip()
+        made.append((mnt, dev, backing))
+        run("mount", "-t", "ext4", "-o", "ro" if read_only else "rw", dev, str(mnt))
+        return mnt
+
+    yield make
+    for mnt, dev, _ in made:
+        _unmount(mnt)
+        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+        if not os.path.ismount(mnt):
+            shutil.rmtree(mnt, ignore_errors=True)
+    left = [line for line in run("losetup", "-a").splitlines() if str(tmp_path) in line]
+    assert not left, f"loop devices left attached: {left}"
+    assert not any(os.path.ismount(m) for m, _, _ in made), "ext4 file systems left mounted"
 
 
 @pytest.fixture
@@ -137,6 +175,28 @@ def hostile_images(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SwapAfterCheck(Validator):
+    """The real validator, and then, right after its check passed, what a co-tenant pod on the volume does
+    at the worst instant: move disk.img aside (to `keep`, or unlink it) and rename another file in (once)."""
+
+    swap: tuple = ()  # (replacement file, disk.img path)
+    keep: Path | None = None  # where the checked file goes; None: it is deleted
+
+    def validate_volume_image(self, path, fmt):
+        info = super().validate_volume_image(path, fmt)
+        if self.swap and self.swap[0].exists():
+            if self.keep is not None:
+                os.rename(self.swap[1], self.keep)
+            os.rename(*self.swap)
+        return info
+
+
+def qemu_info(path: Path) -> dict:
+    """qemu-img info of a qcow2 (-U: also one a VM or a bind holds)."""
+    return json.loads(run("qemu-img", "info", "--output=json", "-U", "-f", "qcow2", str(path)))
+
+
 def make_image(path: Path, size: str, writes: list[tuple[int, int, int]]) -> TestImage:
     """A qcow2 of virtual `size` with `writes` = [(pattern byte, offset, length)] written by qemu-io."""
     run("qemu-img", "create", "-q", "-f", "qcow2", str(path), size)
@@ -171,22 +231,59 @@ def raw_opts(path: Path, offset: int = 0, size: int | None = None, block: bool =
     return opts + f",file.driver={'host_device' if block else 'file'},file.filename={path}"
 
 
-CRASH_CHILD = """
-import json, sys
+CALL_CHILD = """
+import dataclasses, importlib, json, sys
 from pathlib import Path
-from cri_shim.storage import persistent_root
+module, _, name = sys.argv[1].rpartition(".")
+func = getattr(importlib.import_module("cri_shim.storage." + (module or "persistent_root")), name)
 kw = json.loads(sys.argv[2])
 for key in ("volume_dir", "device", "base"):
     if key in kw:
         kw[key] = Path(kw[key])
-getattr(persistent_root, sys.argv[1])(**kw)
-print("returned")
+print("calling", flush=True)
+try:
+    got = func(**kw)
+except Exception as e:
+    print("raised", type(e).__name__, e, flush=True)
+    sys.exit(3)
+print("returned", json.dumps(dataclasses.asdict(got) if dataclasses.is_dataclass(got) else got, default=str))
 """
 
 
-def crash_at(point: str, func: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run persistent_root.<func>(**kwargs) in a child that SIGKILLs itself at crashpoint `point`."""
-    env = {**os.environ, "VMLET_CRASHPOINT": point, "PYTHONPATH": str(REPO)}
+def _child(func: str, kwargs: dict) -> list[str]:
     args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
-    return subprocess.run([sys.executable, "-c", CRASH_CHILD, func, json.dumps(args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return [sys.executable, "-c", CALL_CHILD, func, json.dumps(args)]
+
+
+def crash_at(point: str, func: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run <func>(**kwargs) in a child that SIGKILLs itself at crashpoint `point`; `func` is a function of
+    persistent_root, or `volume_image.<name>`."""
+    env = {**os.environ, "VMLET_CRASHPOINT": point, "PYTHONPATH": str(REPO)}
+    return subprocess.run(_child(func, kwargs), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """spawn(func, **kwargs) → a running child calling <func>(**kwargs) (as crash_at names it) once it has
+    printed "calling"; its output ends with "returned <result as JSON>" or "raised <error>". Children still
+    running at the end are killed."""
+    children: list[subprocess.Popen] = []
+
+    def start(func: str, **kwargs) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("VMLET_CRASHPOINT", None)
+        child = subprocess.Popen(_child(func, kwargs), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        children.append(child)
+        line = child.stdout.readline()  # "calling", or "" when the child died first
+        if line.strip() != "calling":
+            child.kill()
+            pytest.fail(f"the child calling {func} did not start: {child.communicate(timeout=60)[1]}")
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.communicate(timeout=60)
