@@ -279,14 +279,20 @@ def _build_one(p: Planned, base: dict, files: VMFiles, pod: PodFiles, root_image
             root = persistent_root.prepare_file_root(
                 vdir, base=root_image.base, base_format=root_image.format, digest=root_image.digest,
                 image=root_image.name, capacity=spec.capacity, reimage=root_image.reimage)
-            fmt, digest = root.format, root.digest
-        else:
-            img = volume_image.ensure(vdir, spec.capacity)
-            fmt, digest = img.format, None
-        path = files.disks_dir / spec.name
-        attached = Attached(**base, source="file", path=str(path), host_path=str(vdir / volume_image.IMAGE_NAME),
-                            format=fmt, bind=True, persistent=True, digest=digest)
-        bind(files, attached)
+            path = files.disks_dir / spec.name
+            attached = Attached(**base, source="file", path=str(path), host_path=str(vdir / volume_image.IMAGE_NAME),
+                                format=root.format, bind=True, persistent=True, digest=root.digest)
+            bind(files, attached)  # checks the image it binds
+            return attached
+        # The inode checked is the inode bound: a co-tenant's rename in between changes nothing.
+        fd, img = volume_image.ensure_open(vdir, spec.capacity, read_only=p.read_only)
+        try:
+            attached = Attached(**base, source="file", path=str(files.disks_dir / spec.name),
+                                host_path=str(vdir / volume_image.IMAGE_NAME), format=img.format, bind=True,
+                                persistent=True)
+            bind(files, attached, source_fd=fd)
+        finally:
+            os.close(fd)
         return attached
     if spec.source == "device":
         offset = size = digest = None

@@ -481,13 +481,20 @@ def _create_at(dirfd: int, volume_dir: Path, capacity: int | None) -> tuple[int,
             # After the rename: a crash before it leaves a zero raw disk.img without record, which
             # inspect takes as raw, the same thing.
             write_record_at(dirfd, volume_dir, {"format": "raw", "createdBy": "vmlet"})
-        except BaseException:
+            # The fd above is of the temp name's dentry, unlinked by now: the kernel clones no mount of an
+            # unlinked dentry (open_tree: ENOENT). The caller binds disk.img's, checked to be the same inode.
+            made = os.fstat(pfd)
+            named = _open_entry(dirfd, IMAGE_NAME, path)
+            if named is None or (os.fstat(named).st_dev, os.fstat(named).st_ino) != (made.st_dev, made.st_ino):
+                if named is not None:
+                    os.close(named)
+                raise VolumeImageError(f"{path} was replaced while vmlet created it (another pod on the volume?)")
+        finally:
             os.close(pfd)
-            raise
     except BaseException:
         remove_temp(dirfd, volume_dir, CREATE_TEMP)
         raise
-    return pfd, VolumeImage(path, "raw", size, created=True)
+    return named, VolumeImage(path, "raw", size, created=True)
 
 
 def ensure_open(volume_dir: Path, capacity: int | None, *, validator: Validator | None = None,

@@ -25,6 +25,7 @@ A failure prints the seed, round and kill point to replay it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import sqlite3
@@ -37,7 +38,7 @@ import grpc
 import pytest
 
 from cri_shim.network import dhcp, links, netns
-from cri_shim.storage import pod_volumes
+from cri_shim.storage import persistent_root, pod_volumes
 from cri_shim.network.names import netns_name, owner_tag
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
@@ -83,6 +84,7 @@ class Volumes:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.loops: list[Path] = []
+        self.roots: dict[int, Path] = {}
         self.blk = self._loop("blk.img", 16 * MIB)
         with open(self.blk, "r+b") as f:
             f.write(self.MARK)
@@ -104,6 +106,7 @@ class Volumes:
     def for_pod(self, pod: Pod, n: int) -> None:
         pod.config.annotations["vmlet.dev/disks"] = self.ANNOTATION
         root = self._loop(f"root-{n}.img", 128 * MIB)
+        self.roots[n] = root
         pod.devices = [api_pb2.Device(container_path="/dev/vmlet/root", host_path=str(root), permissions="rw"),
                        api_pb2.Device(container_path="/dev/vmlet/blk", host_path=str(self.blk), permissions="rw")]
         pod.mounts = [api_pb2.Mount(container_path="/vmlet/disks/vol", host_path=str(self.vol)),
@@ -112,6 +115,25 @@ class Volumes:
     def check_kept(self, where: str) -> None:
         with open(self.blk, "rb") as f:
             assert f.read(len(self.MARK)) == self.MARK, f"{where}: the data volume was written by vmlet"
+
+    def check_root(self, n: int, image: Path, digest: str, where: str) -> None:
+        """The round's root is blank (never imported: its pod ended before a create) or holds the image whole
+        under a header naming its digest; never a header over a partial import."""
+        dev = self.roots[n]
+        header = persistent_root.read_block_header(dev)
+        if header is None:
+            with open(dev, "rb") as f:
+                assert not f.read(persistent_root.HEADER_SIZE).strip(b"\0"), f"{where}: a root with data, no header"
+            return
+        assert header["imageDigest"] == digest, f"{where}: {header}"
+        size = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)], check=True,
+                                         capture_output=True, text=True).stdout)["virtual-size"]
+        compare = subprocess.run(
+            ["qemu-img", "compare", "--image-opts", f"driver=qcow2,file.filename={image}",
+             f"driver=raw,offset={persistent_root.HEADER_SIZE},size={size},file.driver=host_device,"
+             f"file.filename={dev}"], capture_output=True, text=True)
+        assert compare.returncode == 0, f"{where}: the root's header says imported, its data differs: " \
+                                        f"{compare.stdout}{compare.stderr}"
 
     def close(self) -> None:
         for dev in self.loops:
@@ -332,7 +354,7 @@ class Lifecycle:
 
 @pytest.mark.parametrize("binding", ["bridge", "masquerade", "disks"])
 def test_sigkill_at_random_instants_in_every_lifecycle_rpc(vmlet_factory, vmlet_dir, test_network, libvirt_conn,
-                                                           binding):
+                                                           binding, test_image):
     """"disks": bridge pods with every kind of disk (docs/storage.md), each with a blank persistent root, so
     kills land in the import, the binds and the emptyDisk's life too; the data volume must never change."""
     with contextlib.ExitStack() as stack:
@@ -340,10 +362,11 @@ def test_sigkill_at_random_instants_in_every_lifecycle_rpc(vmlet_factory, vmlet_
         if binding == "disks":
             volumes = Volumes(vmlet_dir / "pv")
             stack.callback(volumes.close)
-        _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding, volumes)
+        _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding, volumes, test_image)
 
 
-def _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding: str, volumes: Volumes | None):
+def _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding: str, volumes: Volumes | None,
+                 test_image: Path):
     rng = random.Random(f"{SEED}-{binding}")
     node = Node(vmlet_factory(), test_network)
     rounds = DISK_ROUNDS if volumes else ROUNDS
@@ -361,6 +384,10 @@ def _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding: 
     for step in STEPS:
         durations[step] = calib.run(step)
     check_nothing_left(node, libvirt_conn, [calib.pod], "after the calibration lifecycle")
+    image_ref = node.client.images.ImageStatus(api_pb2.ImageStatusRequest(
+        image=api_pb2.ImageSpec(image=TESTVM)), timeout=10).image.id
+    if volumes:
+        volumes.check_root(0, test_image, image_ref, "after the calibration lifecycle")
 
     pods = [calib.pod]
     for n in range(1, rounds + 1):
@@ -385,3 +412,4 @@ def _kill_rounds(vmlet_factory, vmlet_dir, test_network, libvirt_conn, binding: 
         check_nothing_left(node, libvirt_conn, pods, where)
         if volumes:
             volumes.check_kept(where)
+            volumes.check_root(n, test_image, image_ref, where)
