@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -69,7 +70,13 @@ def test_boots_gets_dhcp_lease_runs_user_data_and_powers_off_on_acpi(
     guest_ip = ipaddress.ip_address(m.group(1))
     assert guest_ip in isolated_network.subnet
     assert int(m.group(2)) == isolated_network.subnet.prefixlen
-    leases = libvirt_conn.networkLookupByName(isolated_network.name).DHCPLeases()
+    # libvirt learns the lease from dnsmasq's lease helper, a moment after the guest has its address.
+    deadline = time.monotonic() + 15
+    while True:
+        leases = libvirt_conn.networkLookupByName(isolated_network.name).DHCPLeases()
+        if any(l["mac"] == mac and l["ipaddr"] == str(guest_ip) for l in leases) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert any(l["mac"] == mac and l["ipaddr"] == str(guest_ip) for l in leases), leases
 
     # Cloud-init data from the NoCloud disk.

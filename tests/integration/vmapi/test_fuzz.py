@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings, strategies 
 
 from cri_shim import annotations as va
 from tests.integration.vmapi.convergence import LogWatch, check, GONE
-from tests.integration.vmapi.harness import NS, TIMEOUT_SCALE, vm_manifest
+from tests.integration.vmapi.harness import NS, TIMEOUT_SCALE, vm_manifest, vm_with_claim
 from tests.integration.vmapi.profile import LONG
 from tests.unit.test_vmapi_fuzz import storage_vm_bodies, vm_bodies
 from vmapi import podspec, requests, storage, types
@@ -58,6 +58,9 @@ async def test_hostile_vms_become_a_pod_or_a_clear_condition(server, cluster, op
     # Valid VMs whose runStrategy wants no pod: neither a pod nor InvalidSpec, but Stopped.
     @example(vm=vm_manifest("halted", "Halted"), claims=None)
     @example(vm=vm_manifest("manual", "Manual"), claims=None)
+    # Whatever the generated examples turn out to be, the run sees a pod with disks and a VM waiting for a claim.
+    @example(vm=vm_with_claim("withclaim"), claims=None)
+    @example(vm=_vm_with_own_claim("ownclaim"), claims=LEAVE_OUT)
     def one(vm, claims):
         name = vm["metadata"]["name"]
         if not _routable(name):
@@ -124,9 +127,22 @@ async def test_hostile_vms_become_a_pod_or_a_clear_condition(server, cluster, op
     assert not logs.crashes(), "\n".join(logs.crashes())
 
 
+LEAVE_OUT = "leave every claim out"
+
+
+def _vm_with_own_claim(name: str) -> dict:
+    """A VM whose data disk is a claim no template makes (the user's own, data-<name>)."""
+    vm = vm_manifest(name)
+    vmi = vm["spec"]["template"]["spec"]
+    vmi["domain"]["disks"] = [{"name": "data"}]
+    vmi["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": f"data-{name}"}}]
+    return vm
+
+
 def _make_claims(cluster, body, data) -> tuple[list[str], list[str]]:
     """Make the claims the VM's volumes name that no template makes, but leave one out now and then:
-    (made, left out). Each made one has any volume mode, size and phase a real cluster could show."""
+    (made, left out). Each made one has any volume mode, size and phase a real cluster could show.
+    LEAVE_OUT: make none of them."""
     if data is None:
         return [], []
     try:
@@ -137,7 +153,7 @@ def _make_claims(cluster, body, data) -> tuple[list[str], list[str]]:
     for ref in plan.claims:
         if ref.template is not None:
             continue
-        if data.draw(st.integers(0, 5)) == 3:
+        if data == LEAVE_OUT or data.draw(st.integers(0, 5)) == 3:
             left_out.append(ref.claim)
             continue
         spec = {"accessModes": ["ReadWriteOnce"],
