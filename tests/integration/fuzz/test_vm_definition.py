@@ -60,6 +60,19 @@ def _set(msg, path: str, value) -> None:
     setattr(msg, leaf, value)
 
 
+def create_then_status(create: api_pb2.CreateContainerRequest):
+    """The kubelet's next steps after a RunPodSandbox: CreateContainer in the new sandbox, then its status."""
+    def follow(answer):
+        if answer.rpc.name == "RunPodSandbox" and answer.code == calls.OK:
+            create.pod_sandbox_id = answer.response.pod_sandbox_id
+            return [(R["CreateContainer"], create)]
+        if answer.rpc.name == "CreateContainer" and answer.code == calls.OK:
+            return [(R["ContainerStatus"], api_pb2.ContainerStatusRequest(
+                container_id=answer.response.container_id, verbose=True))]
+        return []
+    return follow
+
+
 @st.composite
 def vm_definition_change(draw):
     side = draw(st.sampled_from(["pod", "container", "resources"]))
@@ -88,14 +101,7 @@ def test_values_that_reach_the_vm_definition(fuzzer, change):
     else:
         _set(create, path, value)
 
-    def follow(answer):
-        if answer.rpc.name == "RunPodSandbox" and answer.code == calls.OK:
-            create.pod_sandbox_id = answer.response.pod_sandbox_id
-            return [(R["CreateContainer"], create)]
-        if answer.rpc.name == "CreateContainer" and answer.code == calls.OK:
-            return [(R["ContainerStatus"], api_pb2.ContainerStatusRequest(
-                container_id=answer.response.container_id, verbose=True))]
-        return []
+    follow = create_then_status(create)
 
     def named(rpc, request, answer):
         mine = (rpc.name == "RunPodSandbox") == on_pod and rpc.name in ("RunPodSandbox", "CreateContainer")
@@ -200,13 +206,6 @@ def test_disks_of_the_pod(fuzzer, fuzz_loop, req):
     run = api_pb2.RunPodSandboxRequest(config=pod)
     create = api_pb2.CreateContainerRequest(config=container, sandbox_config=pod)
 
-    def follow(answer):
-        if answer.rpc.name == "RunPodSandbox" and answer.code == calls.OK:
-            create.pod_sandbox_id = answer.response.pod_sandbox_id
-            return [(R["CreateContainer"], create)]
-        if answer.rpc.name == "CreateContainer" and answer.code == calls.OK:
-            return [(R["ContainerStatus"], api_pb2.ContainerStatusRequest(
-                container_id=answer.response.container_id, verbose=True))]
-        return []
+    follow = create_then_status(create)
 
     fuzzer.check([(R["RunPodSandbox"], run)], follow=follow, extra=_disk_fields_named)
