@@ -70,8 +70,9 @@ def vm_resources(rt: Runtime, cfg: api_pb2.ContainerConfig, vm: VMAnnotations,
     else:
         vcpus = 1
     if vcpus > rt.config.max_vcpus:
-        raise errors.invalid_argument(f"the VM would get {vcpus} vCPUs; this node allows at most "
-                                      f"{rt.config.max_vcpus} (VirtletVCPUCount or the CPU limit)")
+        source = "pod annotation VirtletVCPUCount" if vm.vcpu_count else f"{field}.cpu_quota / cpu_period"
+        raise errors.invalid_argument(f"{source}: the VM would get {vcpus} vCPUs; this node allows at most "
+                                      f"{rt.config.max_vcpus}")
     return memory_mib, vcpus, (period, quota)
 
 
@@ -99,6 +100,13 @@ def _validate_request(cfg: api_pb2.ContainerConfig) -> None:
     for i, m in enumerate(cfg.mounts):
         validation.path(m.host_path, f"config.mounts[{i}].host_path")
         validation.path(m.container_path, f"config.mounts[{i}].container_path")
+    for i, kv in enumerate(cfg.envs):
+        # cloud-init's own rule for the environment file, checked per entry and part to name the field.
+        for part, entry in (("key", {kv.key: ""}), ("value", {"V": kv.value})):
+            try:
+                cloudinit.env_file_content(entry)
+            except cloudinit.CloudInitError as e:
+                raise errors.invalid_argument(f"config.envs[{i}].{part}: {e}") from None
     for i, d in enumerate(cfg.devices):
         validation.path(d.host_path, f"config.devices[{i}].host_path")
         validation.path(d.container_path, f"config.devices[{i}].container_path")
