@@ -12,8 +12,9 @@ import grpc
 
 from proto.runtime.v1 import api_pb2, api_pb2_grpc
 
-from . import (container_create, container_start, container_status, container_stop, container_update,
-               runtime_info, sandbox_run, sandbox_status, sandbox_stop, stats, streaming)
+from . import (container_checkpoint, container_create, container_exec, container_start, container_status,
+               container_stop, container_update, runtime_info, sandbox_run, sandbox_status, sandbox_stop, stats,
+               stream_requests)
 from .errors import CRIError, grpc_errors, status_message
 from .runtime import Runtime
 
@@ -130,23 +131,23 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     # streaming (exec & co.)
     @grpc_errors
     def ExecSync(self, req, ctx):
-        return streaming.exec_sync(self.rt, req)
+        return container_exec.exec_sync(self.rt, req)
 
     @grpc_errors
     def Exec(self, req, ctx):
-        return streaming.exec_(self.rt, req)
+        return stream_requests.exec_(self.rt, req)
 
     @grpc_errors
     def Attach(self, req, ctx):
-        return streaming.attach(self.rt, req)
+        return stream_requests.attach(self.rt, req)
 
     @grpc_errors
     def PortForward(self, req, ctx):
-        return streaming.port_forward(self.rt, req)
+        return stream_requests.port_forward(self.rt, req)
 
     @grpc_errors
     def CheckpointContainer(self, req, ctx):
-        return streaming.checkpoint_container(self.rt, req)
+        return container_checkpoint.checkpoint_container(self.rt, req)
 
     # stats and metrics
     @grpc_errors

@@ -1,4 +1,4 @@
-"""Exec, ExecSync, Attach, PortForward, CheckpointContainer: what a VM pod does not do (yet).
+"""Exec, Attach, PortForward: the RPCs that answer a URL of the streaming server (cri_shim/streaming/).
 
 A VM has no process namespace to exec into; the serial console and SSH are
 the ways in. These answer UNIMPLEMENTED with a message saying so, which is
@@ -12,10 +12,6 @@ from . import errors
 _WHY = "VM pods have no exec/attach/port-forward in vmlet yet; reach the VM over SSH or its serial console"
 
 
-def exec_sync(_rt, req):
-    raise errors.unimplemented(f"ExecSync into container {errors.show(req.container_id)}: {_WHY}")
-
-
 def exec_(_rt, req):
     raise errors.unimplemented(f"Exec into container {errors.show(req.container_id)}: {_WHY}")
 
@@ -27,7 +23,3 @@ def attach(_rt, req):
 def port_forward(_rt, req):
     raise errors.unimplemented(f"PortForward to pod sandbox {errors.show(req.pod_sandbox_id)}: {_WHY}")
 
-
-def checkpoint_container(_rt, req):
-    raise errors.unimplemented(
-        f"CheckpointContainer {errors.show(req.container_id)}: checkpointing VMs is not supported yet")
