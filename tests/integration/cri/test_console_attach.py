@@ -1,0 +1,292 @@
+"""Attach (cri_shim/console_attach.py) on a real VM's serial console, driven in-process.
+
+The vmlet daemon runs in this process (cri_shim.server.Daemon: the real
+runtime, CRI socket, libvirt connection and console copier) so the test can
+call `attach_stream(daemon.runtime, ...)` the way the streaming server will;
+the pod is made through the CRI socket as the kubelet would. The session
+objects below play the streaming server's side of backend.Session: a reader
+fed by the test, writers that collect (or, for the client that never reads,
+block until the server closes them), and the server closing a session's
+streams once the runtime function returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_shim import config as config_mod
+from cri_shim import console_attach, errors
+from cri_shim.network import NetworkManager
+from cri_shim.server import Daemon
+from cri_shim.streaming.backend import Session
+from proto.runtime.v1 import api_pb2
+from tests.support import cri, libvirt_env, netsupport
+
+from .conftest import TESTVM
+
+pytestmark = pytest.mark.libvirt
+
+BOOT_TIMEOUT = 180
+
+
+class FedReader:
+    """The client's stdin as the server hands it over: what the test feeds, b"" at EOF or once closed."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[bytes | None] = queue.Queue()
+
+    def feed(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def eof(self) -> None:
+        self._q.put(None)
+
+    def read(self, n: int = 65536) -> bytes:
+        data = self._q.get()
+        if data is None:
+            self._q.put(None)  # EOF stays EOF
+            return b""
+        return data[:n]
+
+
+class CollectingWriter:
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            if self.closed:
+                raise BrokenPipeError("client gone")
+            self._buf += data
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+
+    def text(self) -> str:
+        with self._cond:
+            return self._buf.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = regex.search(self._buf.decode(errors="replace"))
+                if m:
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{pattern!r} not seen within {timeout}s; got:\n{self.text()[-2000:]}")
+                self._cond.wait(left)
+
+
+class NeverReadingWriter:
+    """A client whose window stays full: every write blocks until the server closes the stream."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self._closed.wait()
+        raise BrokenPipeError("client gone")
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class Attached:
+    """One attach session run the way the streaming server runs it: attach_stream on a thread of its own,
+    then (like the server) the session closed and its streams shut once the function returned."""
+
+    def __init__(self, rt, container_id: str, stdin=True, stdout=None, tty=False) -> None:
+        self.stdin = FedReader() if stdin else None
+        self.stdout = stdout if stdout is not None else CollectingWriter()
+        self.session = Session(stdin=self.stdin, stdout=self.stdout, stderr=None if tty else CollectingWriter(),
+                               tty=tty)
+        self.error: BaseException | None = None
+        self.returned = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(rt, container_id), daemon=True)
+        self._thread.start()
+
+    def _run(self, rt, container_id: str) -> None:
+        try:
+            console_attach.attach_stream(rt, container_id, self.session)
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            self.error = e
+        finally:
+            self.returned.set()
+            self.session.closed.set()
+            if self.stdin:
+                self.stdin.eof()
+            self.stdout.close()
+
+    def type(self, text: str) -> None:
+        self.stdin.feed(text.encode())
+
+    def wait(self, timeout: float) -> None:
+        assert self.returned.wait(timeout), "attach_stream did not return"
+        self._thread.join(5)
+
+
+@pytest.fixture
+def daemon(libvirt_conn, test_image, image_server, vmlet_dir: Path, cni_conf_dir: Path, test_network):
+    """The vmlet daemon in this process; teardown removes its pods through the CRI and sweeps what is left."""
+    url = image_server.serve_file("/testvm.qcow2", test_image)
+    translations = cri.translations_for(vmlet_dir / "translations.yaml", {"testvm": url})
+    state, socket, cfg = vmlet_dir / "state", vmlet_dir / "vmlet.sock", vmlet_dir / "vmlet.yaml"
+    cri.write_config(cfg, state, socket, translations, cni_conf_dir=str(cni_conf_dir),
+                     cni_bin_dirs=[netsupport.CNI_BIN_DIR])
+    d = Daemon(config_mod.load(cfg))
+    client = None
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: NetworkManager(state, cni_conf_dir, [netsupport.CNI_BIN_DIR]).sweep([]))
+        cleanup.callback(libvirt_env.sweep, libvirt_conn)
+        cleanup.callback(d.stop)
+        d.serve()
+        client = cri.connect(socket)
+        cleanup.callback(client.close)
+        cleanup.callback(_remove_pods, client)
+        yield d, client
+    held = test_network.allocated_ips()
+    for f in test_network.ipam_dir.glob("*/[0-9]*"):
+        f.unlink()
+    assert not held, f"pod IPs not released: {held}"
+
+
+def _remove_pods(client: cri.Client) -> None:
+    for sb in client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
+        client.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=120)
+
+
+def _wait_log(path: Path, pattern: str, timeout: float) -> re.Match:
+    regex = re.compile(pattern, re.MULTILINE)
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if m := regex.search(text):
+            return m
+        time.sleep(0.3)
+    raise AssertionError(f"{pattern!r} not in {path} after {timeout}s:\n{text[-3000:]}")
+
+
+def _run_vm(client: cri.Client, log_dir: Path, name: str) -> tuple[str, str]:
+    client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)), timeout=120)
+    pod = cri.pod_config(name=name, log_directory=str(log_dir))
+    sandbox_id = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
+    container_id = client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, config=cri.container_config(TESTVM, log_path="vm/0.log"), sandbox_config=pod),
+        timeout=120).container_id
+    client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=120)
+    return sandbox_id, container_id
+
+
+def _pump_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("attach-")]
+
+
+def test_console_attach_shared_by_clients_log_intact_slow_client_dropped_ends_when_vm_stops(
+        daemon, vmlet_dir, libvirt_conn, monkeypatch):
+    d, client = daemon
+    rt = d.runtime
+    log = vmlet_dir / "pods" / "attach" / "vm" / "0.log"
+    _, cid = _run_vm(client, log.parent.parent, "attach")
+
+    with pytest.raises(errors.CRIError) as e:  # a created-but-unknown ID and an empty one: named
+        console_attach.check_attach(rt, "f" * 64)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(errors.CRIError) as e:
+        console_attach.check_attach(rt, "")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "container_id" in e.value.message
+    console_attach.check_attach(rt, cid)
+    _wait_log(log, r"stdout F VMLET-TESTVM: ready$", BOOT_TIMEOUT)
+
+    # Someone else (virsh console, here a second libvirt client) holds the console: refused, not stolen.
+    dom = libvirt_conn.lookupByName(rt.container(cid).domain_name)
+    foreign = libvirt_conn.newStream(0)
+    dom.openConsole(None, foreign, 0)
+    try:
+        refused = Attached(rt, cid)
+        refused.wait(30)
+        assert isinstance(refused.error, errors.CRIError), refused.error
+        assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "in use by another client" in refused.error.message
+    finally:
+        foreign.abort()
+
+    # Two clients; one types, both see the guest's answer (computed by the guest: not an echo of the input).
+    a = Attached(rt, cid)
+    b = Attached(rt, cid, stdin=False)
+    a.type("\n")  # console.sh starts the shell on the first line
+    time.sleep(2)
+    a.type("echo ATTACH-$((6*7))-OK\n")
+    a.stdout.wait_for(r"ATTACH-42-OK\r?\n", 60)
+    b.stdout.wait_for(r"ATTACH-42-OK\r?\n", 10)
+    _wait_log(log, r"stdout F ATTACH-42-OK$", 10)  # the CRI log has it as well
+    assert a.session.stderr.text() == "" and b.session.stderr.text() == ""
+
+    # A client that never reads is dropped once its queue is over the bound; the others lose nothing.
+    monkeypatch.setattr(console_attach, "CLIENT_QUEUE_BYTES", 16 * 1024)
+    stuck = Attached(rt, cid, stdin=False, stdout=NeverReadingWriter())
+    time.sleep(1)
+    lines = 4000
+    a.type(f"seq 1 {lines} | sed 's/^/FLOOD-/'; echo FLOOD-DONE-$((1+1))\n")
+    stuck.wait(120)
+    assert isinstance(stuck.error, errors.CRIError) and stuck.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "unread" in stuck.error.message
+    for s in (a, b):
+        s.stdout.wait_for(r"FLOOD-DONE-2\r?\n", 180)
+        got = [int(n) for n in re.findall(r"^FLOOD-(\d+)\r?$", s.stdout.text(), re.MULTILINE)]
+        assert got == list(range(1, lines + 1)), f"{len(got)} lines, first gaps: " + str(
+            sorted(set(range(1, lines + 1)) - set(got))[:5])
+    _wait_log(log, r"stdout F FLOOD-DONE-2$", 30)
+    in_log = [int(n) for n in re.findall(r" stdout F FLOOD-(\d+)$", log.read_text(), re.MULTILINE)]
+    assert in_log == list(range(1, lines + 1))
+
+    # The server closing a session ends it; stdin EOF ends the other (stdin_once is off).
+    b.session.closed.set()
+    b.wait(10)
+    assert b.error is None
+    a.stdin.eof()
+    a.wait(10)
+    assert a.error is None
+    assert not console_attach._hubs.get(rt), "the console stayed open with nobody attached"
+    assert _eventually(lambda: not _pump_threads(), 10), _pump_threads()
+
+    # Attached again (a fresh console stream), then the VM stops: the session ends by itself.
+    c = Attached(rt, cid)
+    c.type("echo AGAIN-$((2*3))\n")
+    c.stdout.wait_for(r"AGAIN-6\r?\n", 60)
+    client.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), timeout=120)
+    c.wait(60)
+    assert c.error is None
+    assert not console_attach._hubs.get(rt)
+    assert _eventually(lambda: not _pump_threads(), 10), _pump_threads()
+    with pytest.raises(errors.CRIError) as e:
+        console_attach.check_attach(rt, cid)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not running" in e.value.message
+
+
+def _eventually(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
