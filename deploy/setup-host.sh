@@ -34,6 +34,9 @@ PKGS_TEST_TOOLS=(genisoimage)
 # config of its own (`docker-registry serve <config>`); when this script installs the package, its own
 # service is kept off (below).
 PKGS_TEST_REGISTRY=(docker-registry)
+# Tests: a SPDY/3.1 client over moby's spdystream (tests/support/spdyclient, built in GOPATH mode with
+# Debian's Go) is the independent peer of the streaming server's SPDY framing.
+PKGS_TEST_SPDY=(golang-go golang-github-docker-spdystream-dev)
 
 [ "$(id -u)" = 0 ] || die "run as root"
 [ -r /etc/debian_version ] || die "this script targets Debian 12 (no /etc/debian_version)"
@@ -66,7 +69,7 @@ remove_leftover_policy() {
 install_packages() {
     local want=("${PKGS_LIBVIRT[@]}" "${PKGS_NETWORK[@]}" "${PKGS_PYTHON_BUILD[@]}" "${PKGS_TEST_IMAGE[@]}" "${PKGS_TOOLS[@]}"
                 "${PKGS_TEST_TOOLS[@]}"
-                "${PKGS_TEST_REGISTRY[@]}")
+                "${PKGS_TEST_REGISTRY[@]}" "${PKGS_TEST_SPDY[@]}")
     local missing=()
     for p in "${want[@]}"; do
         pkg_installed "$p" || missing+=("$p")
