@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from cri_shim import cloudinit
+from cri_shim import cloudinit, guest_agent
 from cri_shim.domain_xml import Disk, DomainSpec, Interface, build_domain_xml, read_metadata
 from tests.support import libvirt_env
 from tests.support.libvirt_env import ConsoleLog
@@ -85,6 +85,12 @@ def test_boots_gets_dhcp_lease_runs_user_data_and_powers_off_on_acpi(
     assert console.wait_for(r"^VMLET-TESTVM: hostname (\S+)", 5, dom).group(1) == "boot-test"
     console.wait_for(r"^USER-DATA-RAN-boot-test", 30, dom)
     console.wait_for(r"^VMLET-TESTVM: ready", 60, dom)
+
+    # The guest agent is up on its virtio-serial port (found by name, no udev) and answers through libvirt.
+    assert console.wait_for(r"^VMLET-TESTVM: qemu-ga (\S+)", 5, dom).group(1).startswith("vport")
+    guest_agent.ping(dom)
+    assert guest_agent.os_info(dom)["id"] == "vmlet-testvm"
+    assert guest_agent.host_name(dom) == "boot-test"
 
     # ACPI power button -> the guest powers itself off; libvirt records a clean shutdown.
     dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
