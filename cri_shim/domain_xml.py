@@ -24,6 +24,8 @@ XML_UNSAFE_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010fff
 
 DomainType = Literal["kvm", "qemu"]
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
 
 class UnsafeText(ValueError):
     """A value the domain XML cannot carry (names where it would go)."""
@@ -263,6 +265,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type="pty")
     _sub(console, "target", type="serial", port="0")
+    # The guest agent's virtio-serial port (cri_shim/guest_agent.py). No <source>: libvirt picks the host
+    # socket under its own channel directory and talks to the agent itself (qemuAgentCommand).
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
 
     _sub(devices, "memballoon", model="virtio")  # balloon stats for memory usage
     rng = _sub(devices, "rng", model="virtio")

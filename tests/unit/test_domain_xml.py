@@ -125,3 +125,13 @@ def test_block_disks_slices_cache_io_and_boot_order():
 def test_without_boot_order_the_domain_boots_from_the_first_disk():
     root = ET.fromstring(build_domain_xml(spec()))
     assert root.find("os/boot").get("dev") == "hd"
+
+
+def test_every_domain_has_the_guest_agent_channel_without_a_socket_path():
+    for s in (spec(), spec(disks=[], interfaces=[], console_log=None, metadata={})):
+        channels = ET.fromstring(build_domain_xml(s)).findall("devices/channel")
+        assert len(channels) == 1
+        assert channels[0].get("type") == "unix"
+        # libvirt picks the host socket itself (under its channel dir) when no <source> is given.
+        assert channels[0].find("source") is None
+        assert channels[0].find("target").attrib == {"type": "virtio", "name": "org.qemu.guest_agent.0"}
