@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -151,3 +152,25 @@ def read_sysctl(key: str) -> str | None:
         return Path("/proc/sys/" + key).read_text().strip()
     except FileNotFoundError:
         return None
+
+
+def connect_tcp(name_or_path: str, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to host:port opened from inside the namespace (blocking, close-on-exec).
+
+    The socket is made on a short-lived thread that entered the namespace and
+    stays bound to it after that thread ends; no other thread changes
+    namespace. Raises OSError (ConnectionRefusedError, TimeoutError, ...)."""
+
+    def work() -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.settimeout(timeout)
+            s.connect((host, port))
+            s.settimeout(None)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return run_in(name_or_path, work)

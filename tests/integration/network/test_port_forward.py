@@ -1,0 +1,269 @@
+"""PortForward (cri_shim/port_forward.py) into a real pod network: real netns, real CNI, real dnsmasq, and a
+real TCP server in a fake VM (a netns on the pod's host bridge with the VM's MAC, its address from the pod's
+DHCP server), driven through a real Runtime over a temp state dir.
+
+The Duplex below plays the streaming server's side of one port-forward stream (backend.Duplex): the test
+feeds what the client sends and reads what reaches it, EOFs included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_shim import errors, port_forward
+from cri_shim.config import Config
+from cri_shim.libvirt_host import LibvirtHost
+from cri_shim.runtime import Runtime
+from cri_shim.state import SandboxRecord
+from image_service.store import Store as ImageStore
+from proto.runtime.v1 import api_pb2
+from tests.support import libvirt_env, netsupport
+
+# In the fake VM: 7000 answers once the client's half is closed (half-close both ways), 7001 echoes.
+SERVER = r"""
+import socket, threading
+def once(c):
+    data = b""
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        data += d
+    c.sendall(b"got %d bytes: " % len(data) + data[::-1])
+    c.close()
+def echo(c):
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR)
+    c.close()
+def serve(port, fn):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(128)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=fn, args=(c,), daemon=True).start()
+threading.Thread(target=serve, args=(7000, once), daemon=True).start()
+print("listening", flush=True)
+serve(7001, echo)
+"""
+
+
+class Duplex:
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        self._in: queue.Queue[bytes | None] = queue.Queue()
+        self._out = bytearray()
+        self._cond = threading.Condition()
+        self.write_closed = False
+
+    # the client's side, driven by the test
+    def send(self, data: bytes) -> None:
+        self._in.put(data)
+
+    def send_eof(self) -> None:
+        self._in.put(None)
+
+    def received(self, timeout: float) -> bytes:
+        """Everything until the runtime's close_write()."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.write_closed, timeout):
+                raise AssertionError(f"no EOF from the guest within {timeout}s; got {bytes(self._out)[:200]!r}")
+            return bytes(self._out)
+
+    # backend.Duplex, called by the runtime
+    def read(self, n: int = 65536) -> bytes:
+        while not self.closed.is_set():
+            try:
+                data = self._in.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if data is None:
+                self._in.put(None)
+                return b""
+            return data
+        return b""
+
+    def write(self, data: bytes) -> None:
+        if self.closed.is_set():
+            raise BrokenPipeError("client gone")
+        with self._cond:
+            self._out += data
+
+    def close_write(self) -> None:
+        with self._cond:
+            self.write_closed = True
+            self._cond.notify_all()
+
+
+def forward(rt, sandbox_id: str, port: int, stream: Duplex) -> dict:
+    """forward_stream on a thread, as the server runs it; the result box says how it ended."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            port_forward.forward_stream(rt, sandbox_id, port, stream)
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            box["error"] = e
+        finally:
+            stream.closed.set()  # the server closes the stream once the function returned
+
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
+
+
+@pytest.fixture
+def runtime(tmp_path_factory, conf_dir: Path, make_manager):
+    """A real Runtime over a temp state dir (libvirt is never asked: nothing here needs a domain)."""
+    state = tmp_path_factory.mktemp(netsupport.STATE_MARK) / "state"
+    state.mkdir()
+    config = Config(state_dir=state, cni_conf_dir=conf_dir, cni_bin_dirs=[netsupport.CNI_BIN_DIR],
+                    libvirt_uri=libvirt_env.LIBVIRT_URI)
+    make_manager(state_dir=state)  # its finalizer sweeps this state dir and checks nothing is left
+    images = ImageStore(state / "images")
+    host = LibvirtHost(config.libvirt_uri)
+    rt = Runtime(config, host, images, "qemu")
+    yield rt
+    for sb in list(rt.store.sandboxes):
+        rt.network.remove(sb)
+    rt.close()
+    images.close()
+    host.close()
+
+
+def ready_pod(rt, binding: str, port_mappings=()) -> tuple[str, object]:
+    sid = netsupport.new_sandbox_id()
+    pn = rt.network.setup(sid, pod_namespace="default", pod_name="pf", pod_uid=str(uuid.uuid4()), binding=binding)
+    cfg = api_pb2.PodSandboxConfig(metadata=api_pb2.PodSandboxMetadata(name="pf", namespace="default"),
+                                   port_mappings=list(port_mappings))
+    rt.store.add_sandbox(SandboxRecord(id=sid, name_key=f"pf_default_{sid[:8]}_0", state=api_pb2.SANDBOX_READY,
+                                       created_at=time.time_ns(), config=cfg.SerializeToString(),
+                                       ips=[pn.pod_ip], netns=pn.netns_path))
+    return sid, pn
+
+
+def guest(fake_vms, pn, tmp_path: Path):
+    vm = fake_vms(pn.host_bridge, pn.vm_mac)
+    lease = vm.dhcp(tmp_path)
+    assert lease["ip"] == pn.vm_ip
+    server = vm.spawn(sys.executable, "-c", SERVER)
+    assert server.stdout.readline().strip() == "listening"
+    return vm
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_checks_name_the_field(runtime):
+    sid, _ = ready_pod(runtime, "masquerade", [
+        api_pb2.PortMapping(protocol=api_pb2.UDP, container_port=53, host_port=53),
+        api_pb2.PortMapping(protocol=api_pb2.UDP, container_port=80),
+        api_pb2.PortMapping(protocol=api_pb2.TCP, container_port=80)])
+    port_forward.check_port_forward(runtime, sid, [22, 80, 65535])
+
+    def refused(ports, sandbox=sid):
+        with pytest.raises(errors.CRIError) as e:
+            port_forward.check_port_forward(runtime, sandbox, ports)
+        return e.value
+
+    for bad in (0, 65536, -1, 2**31):
+        err = refused([22, bad])
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "port[1]" in err.message, err.message
+    err = refused([53])
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "port[0]" in err.message and "UDP" in err.message and "TCP only" in err.message
+    assert refused([22], "0" * 64).code == grpc.StatusCode.NOT_FOUND
+    assert refused([22], "").code == grpc.StatusCode.INVALID_ARGUMENT
+
+    with runtime.store_lock():
+        sb = runtime.store.sandboxes[sid]
+        runtime.store.update_sandbox(SandboxRecord(**{**sb.__dict__, "state": api_pb2.SANDBOX_NOTREADY}))
+    err = refused([22])
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION and "not ready" in err.message
+    with pytest.raises(errors.CRIError) as e:  # the stream call checks again (the pod may have gone meanwhile)
+        port_forward.forward_stream(runtime, sid, 22, Duplex())
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_masquerade_forward_both_ways_half_close_refused_port_many_at_once_no_leak(
+        runtime, fake_vms, tmp_path):
+    sid, pn = ready_pod(runtime, "masquerade")
+    guest(fake_vms, pn, tmp_path)
+    fds, threads = open_fds(), threading.active_count()
+
+    # The client's half-close reaches the guest (it answers only after EOF), the guest's reaches the client.
+    s = Duplex()
+    box = forward(runtime, sid, 7000, s)
+    s.send(b"hello ")
+    s.send(b"guest")
+    s.send_eof()
+    assert s.received(10) == b"got 11 bytes: tseug olleh"
+    box["thread"].join(10)
+    assert not box["thread"].is_alive() and "error" not in box
+
+    # Refused: the kubelet-like message names the address, the port and the namespace.
+    with pytest.raises(errors.CRIError) as e:
+        port_forward.forward_stream(runtime, sid, 7999, Duplex())
+    assert e.value.message == (f"failed to connect to 10.0.2.2:7999 inside namespace {pn.netns_name} of pod "
+                               f"sandbox {sid[:12]}: connection refused")
+
+    # Many at once, megabytes each way, through bounded copies.
+    payloads = [os.urandom(256 * 1024 + i) for i in range(24)]
+    streams = [Duplex() for _ in payloads]
+    boxes = [forward(runtime, sid, 7001, st) for st in streams]
+    for st, data in zip(streams, payloads):
+        for off in range(0, len(data), 50_000):
+            st.send(data[off:off + 50_000])
+        st.send_eof()
+    for st, data, b in zip(streams, payloads, boxes):
+        assert hashlib.sha256(st.received(60)).hexdigest() == hashlib.sha256(data).hexdigest()
+        b["thread"].join(10)
+        assert not b["thread"].is_alive() and "error" not in b
+
+    # The client going away mid-stream ends the forward too.
+    gone = Duplex()
+    box = forward(runtime, sid, 7001, gone)
+    gone.send(b"ping")
+    time.sleep(0.5)
+    gone.closed.set()
+    box["thread"].join(5)
+    assert not box["thread"].is_alive()
+
+    deadline = time.monotonic() + 5
+    while (open_fds(), threading.active_count()) != (fds, threads) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds() == fds, "file descriptors leaked"
+    assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "bridge binding: the pod netns holds no address on the pod's subnet (only 169.254.75.10/32 on br0) and no "
+    "route to the pod IP, and the guest's replies to 169.254.75.10 go to its default gateway; network/ needs an "
+    "on-link route to the pod IP from br0 and a bridge-level local delivery of the guest's frames for "
+    "169.254.75.10 (see docs/attach.md). Strict: passes once that lands, and this marker must go."))
+def test_bridge_binding_forward_reaches_the_pod_ip(runtime, fake_vms, tmp_path):
+    sid, pn = ready_pod(runtime, "bridge")
+    guest(fake_vms, pn, tmp_path)
+    s = Duplex()
+    box = forward(runtime, sid, 7000, s)
+    s.send(b"abc")
+    s.send_eof()
+    box["thread"].join(20)
+    assert "error" not in box, box["error"]
+    assert s.received(10) == b"got 3 bytes: cba"
