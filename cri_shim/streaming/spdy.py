@@ -28,9 +28,11 @@ no thread is started here, nothing is buffered without bound.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -478,6 +480,8 @@ def parse_header_block(block: bytes) -> dict[str, str]:
 _RECV_SIZE = 64 * 1024
 _WINDOW_UPDATE_AT = INITIAL_WINDOW // 2  # grant window once half of it has been consumed
 _CLOSE_LOCK_WAIT = 1.0  # how long close() waits for a writer to finish its frame before giving up the GOAWAY
+_LINGER = 2.0  # how long the reader drains the peer's input after the end, before closing the socket
+_POLL_MS = 250  # the reader's wait between checks of the end
 
 
 class SpdyStream:
@@ -667,7 +671,9 @@ class SpdyConnection:
     """
 
     def __init__(self, sock: socket.socket, on_stream: Callable[[SpdyStream], None], *, max_streams: int = 64,
-                 max_header_block: int = 64 * 1024, max_buffered: int = 1 << 20):
+                 max_header_block: int = 64 * 1024, max_buffered: int = 1 << 20, initial_data: bytes = b""):
+        """initial_data: bytes already read from the socket after the upgrade request (a buffered HTTP
+        reader's read-ahead), handled before anything read from the socket."""
         if max_streams < 1 or max_header_block < 16 or max_buffered < 1:
             raise ValueError("max_streams, max_header_block and max_buffered must be positive "
                              "(max_header_block at least 16)")
@@ -677,6 +683,7 @@ class SpdyConnection:
         self._sock = sock
         sock.settimeout(None)  # blocking: back-pressure is TCP's; close() unblocks every call
         self._on_stream = on_stream
+        self._initial = bytes(initial_data)
         self._enc = FrameEncoder()
         self._dec = FrameDecoder(max_header_block=max_header_block)
         self._wlock = threading.Lock()  # one frame at a time on the socket, in encoder order
@@ -686,6 +693,7 @@ class SpdyConnection:
         self._ended = False
         self._reader_active = False
         self._fd_closed = False
+        self._peer_eof = False
         self._conn_unacked = 0
 
     # -- public
@@ -708,10 +716,17 @@ class SpdyConnection:
             goaway = GOAWAY_INTERNAL_ERROR
         finally:
             self._shutdown(goaway)
+            if not self._peer_eof:
+                self._drain()
             self._close_fd()
 
     def close(self) -> None:
-        """GOAWAY and close: streams' read() -> b"" (after what was received), write() -> BrokenPipeError."""
+        """GOAWAY and close: streams' read() -> b"" (after what was received), write() -> BrokenPipeError.
+
+        What was written before is still delivered: the socket's write side is
+        shut (FIN after the queued data) and the reader drains the peer's
+        last bytes for a moment before closing, so the peer sees no reset.
+        """
         self._shutdown(GOAWAY_OK)
         with self._state:
             reader = self._reader_active
@@ -721,31 +736,62 @@ class SpdyConnection:
     # -- reader
 
     def _read_loop(self) -> int | None:
-        while True:
+        """Returns when the connection must end: the GOAWAY status to send, or None for none."""
+        if self._initial:
+            data, self._initial = self._initial, b""
+            ended, status = self._process(data)
+            if ended:
+                return status
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN | select.POLLPRI)
+        while not self._ended:
+            # A bounded wait: close() from another thread must be noticed (shutting the write side wakes
+            # no reader).
+            if not poller.poll(_POLL_MS):
+                continue
             try:
                 data = self._sock.recv(_RECV_SIZE)
             except OSError:
-                return None
+                data = b""
             if not data:
+                self._peer_eof = True
                 return None
-            try:
-                frames = self._dec.feed(data)
-            except ProtocolError as e:
-                log.info("SPDY connection: protocol error from the peer: %s", e)
-                return e.status
+            ended, status = self._process(data)
+            if ended:
+                return status
+        return None
+
+    def _process(self, data: bytes) -> tuple[bool, int | None]:
+        try:
+            frames = self._dec.feed(data)
             for frame in frames:
-                if self._ended:
-                    return None
-                try:
-                    if not self._handle(frame):
-                        return None
-                except ProtocolError as e:
-                    log.info("SPDY connection: protocol error from the peer: %s", e)
-                    return e.status
-                except BrokenPipeError:
-                    return None
-            if self._ended:
-                return None
+                if self._ended or not self._handle(frame):
+                    return True, None
+        except ProtocolError as e:
+            log.info("SPDY connection: protocol error from the peer: %s", e)
+            return True, e.status
+        except BrokenPipeError:  # our socket failed while answering
+            return True, None
+        return False, None
+
+    def _drain(self) -> None:
+        """After our FIN: read and drop the peer's last bytes until its EOF, for at most _LINGER seconds.
+
+        Closing a TCP socket with unread input resets the connection, and a
+        reset can destroy what the peer has not read yet of our last frames.
+        """
+        deadline = time.monotonic() + _LINGER
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN | select.POLLPRI)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                return
+            try:
+                if not self._sock.recv(_RECV_SIZE):
+                    return
+            except OSError:
+                return
 
     def _handle(self, frame: Frame) -> bool:
         """One frame from the peer; False when the connection must end (GOAWAY)."""
@@ -863,8 +909,10 @@ class SpdyConnection:
                 pass
             finally:
                 self._wlock.release()
+        # Writers blocked on the socket wake up with EPIPE. With a reader running, only the write side is
+        # shut: the reader drains the peer's last bytes and closes (see _drain).
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader and any writer blocked on the socket
+            self._sock.shutdown(socket.SHUT_WR if self._reader_active else socket.SHUT_RDWR)
         except OSError:
             pass
         for stream in streams:
