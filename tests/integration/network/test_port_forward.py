@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pyroute2 import IPRoute
 
 from cri_shim import errors, port_forward
 from cri_shim.config import Config
 from cri_shim.libvirt_host import LibvirtHost
+from cri_shim.network import netns
+from cri_shim.network.manager import DHCP_SERVER_CIDR
 from cri_shim.runtime import Runtime
 from cri_shim.state import SandboxRecord
 from image_service.store import Store as ImageStore
@@ -256,7 +260,8 @@ def test_masquerade_forward_both_ways_half_close_refused_port_many_at_once_no_le
     "bridge binding: the pod netns holds no address on the pod's subnet (only 169.254.75.10/32 on br0) and no "
     "route to the pod IP, and the guest's replies to 169.254.75.10 go to its default gateway; network/ needs an "
     "on-link route to the pod IP from br0 and a bridge-level local delivery of the guest's frames for "
-    "169.254.75.10 (see docs/attach.md). Strict: passes once that lands, and this marker must go."))
+    "169.254.75.10, and the host bridge must not answer the guest's ARP (see docs/attach.md and the test "
+    "below). Strict: passes once that lands, and this marker must go."))
 def test_bridge_binding_forward_reaches_the_pod_ip(runtime, fake_vms, tmp_path):
     sid, pn = ready_pod(runtime, "bridge")
     guest(fake_vms, pn, tmp_path)
@@ -267,3 +272,44 @@ def test_bridge_binding_forward_reaches_the_pod_ip(runtime, fake_vms, tmp_path):
     box["thread"].join(20)
     assert "error" not in box, box["error"]
     assert s.received(10) == b"got 3 bytes: cba"
+
+
+def apply_proposed_bridge_fix(pn) -> None:
+    """What docs/attach.md proposes for cri_shim/network/ (bridge binding), applied by hand until it lands there.
+
+    1. the host bridge does not answer ARP (else, with the host's arp_ignore=0, it answers the guest's ARP for
+       the gateway with its own MAC and the guest's traffic skips the pod's segment);
+    2. an on-link route from br0 to the pod IP with dnsmasq's address as the source;
+    3. the guest's frames for that address (sent to its gateway's MAC) delivered to br0, not bridged out of eth0.
+    """
+    server = DHCP_SERVER_CIDR.split("/")[0]
+    subprocess.run(["ip", "link", "set", "dev", pn.host_bridge, "arp", "off"], check=True)
+    ns = netns.nsenter_argv(pn.netns_path)
+    subprocess.run(ns + ["ip", "route", "replace", f"{pn.pod_ip}/32", "dev", "br0", "src", server], check=True)
+
+    def br0_mac() -> str:
+        with IPRoute() as ipr:  # netlink on the namespace's thread (/sys shows the host's links)
+            return ipr.get_links(ipr.link_lookup(ifname="br0")[0])[0].get_attr("IFLA_ADDRESS")
+
+    mac = netns.run_in(pn.netns_path, br0_mac)
+    script = "\n".join([
+        "table bridge vmlet_local {}", "delete table bridge vmlet_local", "table bridge vmlet_local {",
+        "  chain prerouting {", "    type filter hook prerouting priority dstnat; policy accept;",
+        f'    iifname "vm0" ip daddr {server} meta pkttype set host ether daddr set {mac}', "  }", "}", ""])
+    subprocess.run(ns + ["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
+
+
+def test_bridge_binding_forward_with_the_proposed_network_fix(runtime, fake_vms, tmp_path):
+    sid, pn = ready_pod(runtime, "bridge")
+    apply_proposed_bridge_fix(pn)
+    guest(fake_vms, pn, tmp_path)
+    s = Duplex()
+    box = forward(runtime, sid, 7000, s)
+    s.send(b"over the bridge")
+    s.send_eof()
+    assert s.received(20) == b"got 15 bytes: egdirb eht revo"
+    box["thread"].join(10)
+    assert "error" not in box
+    with pytest.raises(errors.CRIError) as e:
+        port_forward.forward_stream(runtime, sid, 7999, Duplex())
+    assert e.value.message.endswith("connection refused") and pn.pod_ip in e.value.message
