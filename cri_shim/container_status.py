@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from proto.runtime.v1 import api_pb2
 
@@ -45,6 +46,24 @@ def _build_list_item(rt: Runtime, c: ContainerRecord) -> api_pb2.Container:
         state=c.state, created_at=c.created_at, labels=cfg.labels, annotations=cfg.annotations)
 
 
+def _guest_facts(rt: Runtime, c: ContainerRecord) -> dict:
+    """What the guest agent told (cached; refreshed in the background, never waited on here)."""
+    if c.state != api_pb2.CONTAINER_RUNNING:
+        return {"connected": False}
+    connected = rt.agent.connected(c.domain_name)
+    facts = rt.agent.facts(c.domain_name)
+    out: dict = {"connected": connected if connected is not None else bool(facts and not facts.error)}
+    if facts is not None:
+        # KubeVirt's names (status.guestOSInfo, status.interfaces).
+        out["guestOSInfo"] = facts.os
+        out["hostname"] = facts.hostname
+        out["interfaces"] = facts.interfaces
+        out["ageSeconds"] = round(max(0.0, time.monotonic() - facts.fetched_at), 1)
+        if facts.error:
+            out["error"] = facts.error
+    return out
+
+
 def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb2.ContainerStatusResponse:
     c = rt.container(req.container_id)
     if c.state == api_pb2.CONTAINER_RUNNING:
@@ -77,6 +96,7 @@ def container_status(rt: Runtime, req: api_pb2.ContainerStatusRequest) -> api_pb
             if c.sandbox_id in rt.store.sandboxes else "",
             "cgroupPlacement": "libvirt machine partition (/machine); CPU and memory limits enforced by "
                                "libvirt's <cputune> and the VM's memory size",
+            "guestAgent": _guest_facts(rt, c),
         }, sort_keys=True)
     return resp
 

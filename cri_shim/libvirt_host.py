@@ -3,7 +3,9 @@
 libvirt-python needs its default event loop registered before the first
 connection opens and running in a thread for lifecycle events to arrive;
 this module owns both. Domain lifecycle events are handed to listeners as
-(domain name, event, detail) so the runtime can record exits as they happen.
+(domain name, event, detail) so the runtime can record exits as they happen;
+guest agent lifecycle events (connected/disconnected) to agent listeners as
+(domain name, state, reason).
 Operations tolerate "already gone" so Stop/Remove stay idempotent.
 
 libvirtd may restart under a running vmlet (an upgrade, a crash): the VMs keep
@@ -28,6 +30,8 @@ from . import domain_xml
 log = logging.getLogger("vmlet.libvirt")
 
 LifecycleListener = Callable[[str, int, int], None]
+# (domain name, agent state, reason); domain None after a reconnect: every agent state is unknown again.
+AgentListener = Callable[["str | None", int, int], None]
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -73,6 +77,7 @@ class LibvirtHost:
         self._lock = threading.RLock()
         self._conn: libvirt.virConnect | None = None
         self._listeners: list[LifecycleListener] = []
+        self._agent_listeners: list[AgentListener] = []
         self._closed = False
         self._connected_before = False
         self._reconnecting = threading.Lock()  # one reconnect thread at a time
@@ -106,6 +111,10 @@ class LibvirtHost:
                 try:
                     conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle,
                                                 None)
+                    # The guest agent's channel opening/closing (qemu-ga started or gone), beside the lifecycle
+                    # events and re-registered with them on every new connection.
+                    conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+                                                self._on_agent_lifecycle, None)
                     conn.setKeepAlive(5, 3)
                     conn.registerCloseCallback(self._on_close, None)
                 except libvirt.libvirtError:
@@ -119,6 +128,7 @@ class LibvirtHost:
             return winner
         if replay:
             log.info("reconnected to libvirtd at %s", self.uri)
+            self._notify_agent(None, 0, 0)
             self._replay_stopped(conn)
         return conn
 
@@ -178,6 +188,19 @@ class LibvirtHost:
 
     def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
         self._notify(dom.name(), event, detail)
+
+    def add_agent_listener(self, listener: AgentListener) -> None:
+        self._agent_listeners.append(listener)
+
+    def _on_agent_lifecycle(self, _conn, dom, state: int, reason: int, _opaque) -> None:
+        self._notify_agent(dom.name(), state, reason)
+
+    def _notify_agent(self, name: str | None, state: int, reason: int) -> None:
+        for listener in self._agent_listeners:
+            try:
+                listener(name, state, reason)
+            except Exception:  # noqa: BLE001 - a listener bug must not stop the event loop
+                log.exception("agent lifecycle listener failed for %s", name)
 
     def _notify(self, name: str, event: int, detail: int) -> None:
         for listener in self._listeners:

@@ -26,6 +26,7 @@ from .storage import pod_volumes
 from .config import Config
 from .console_log import ConsoleCopier
 from .events import EventHub
+from .guest_agent import AgentTracker
 from .libvirt_host import LibvirtHost
 from .network import NetworkManager
 from .state import ContainerRecord, SandboxRecord, Store, resolve_id
@@ -122,10 +123,14 @@ class Runtime:
         self.instance_id = _instance_id(config.state_dir)
         self.network = NetworkManager(config.state_dir, config.cni_conf_dir, config.cni_bin_dirs,
                                       plugin_timeout=config.cni_plugin_timeout)
+        # Guest agent state and facts: fed by libvirt's agent events, never waited on by an RPC.
+        self.agent = AgentTracker(host.lookup)
+        host.add_agent_listener(self.agent.on_agent_event)
         host.add_lifecycle_listener(self._on_lifecycle)
 
     def close(self) -> None:
         self._exits.put(None)
+        self.agent.close()
         for copier in list(self.copiers.values()):
             copier.stop()
         self.copiers.clear()
@@ -185,8 +190,11 @@ class Runtime:
     def _on_lifecycle(self, domain: str, event: int, _detail: int) -> None:
         # Runs on libvirt's event loop thread (or one replaying stops after a reconnect): hand over, never block.
         if domain.startswith(self.config.domain_prefix) and event in (
-                libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
-            self._exits.put(domain)
+                libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED,
+                libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
+            self.agent.forget(domain)
+            if event != libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+                self._exits.put(domain)
 
     def _exit_worker(self) -> None:
         while True:
