@@ -7,11 +7,12 @@ fall back to a default).
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,34 @@ class Config(BaseModel):
     domain_prefix: str = Field("vmlet-", pattern=r"^[a-z][a-z0-9-]{0,20}$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # The streaming server behind Exec/Attach/PortForward URLs (docs/streaming.md). Loopback on a free
+    # port by default, as containerd: the kubelet on this node is its client.
+    streaming_address: str = "127.0.0.1"
+    streaming_port: int = Field(0, ge=0, le=65535)
+    # Both or neither: with them the URLs are https://.
+    streaming_tls_cert: Path | None = None
+    streaming_tls_key: Path | None = None
+    # The host the URLs name when clients reach the server by another address (a bind to 0.0.0.0).
+    streaming_advertise_address: str | None = None
+    # A session without a byte either way for this long is closed (the kubelet's default: 4 h).
+    streaming_idle_timeout: float = Field(4 * 3600.0, gt=0)
+    streaming_max_connections: int = Field(128, ge=1, le=4096)
+
+    @field_validator("streaming_address", "streaming_advertise_address")
+    @classmethod
+    def _ip_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Config":
+        if (self.streaming_tls_cert is None) != (self.streaming_tls_key is None):
+            raise ValueError("streaming_tls_cert and streaming_tls_key: give both or neither")
+        return self
 
     @property
     def vms_dir(self) -> Path:

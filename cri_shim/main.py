@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-translations", type=Path, help="image name translation YAML")
     parser.add_argument("--image-allow-network", action="append", dest="image_allow_networks", metavar="CIDR",
                         help="let image downloads reach this range even if denied (repeatable)")
+    parser.add_argument("--streaming-address", help="IP address of the streaming server (default 127.0.0.1)")
+    parser.add_argument("--streaming-port", type=int, help="port of the streaming server (default 0: a free one)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("text", "json"), help="daemon log format (default text)")
     args = parser.parse_args(argv)
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load(args.config, socket=args.socket, libvirt_uri=args.libvirt_uri, state_dir=args.state_dir,
                       accelerator=args.accelerator, image_translations=args.image_translations,
                       image_allow_networks=args.image_allow_networks, log_level=args.log_level,
+                      streaming_address=args.streaming_address, streaming_port=args.streaming_port,
                       log_format=args.log_format)
     except ConfigError as e:
         print(f"vmlet: {e}", file=sys.stderr)
@@ -55,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    daemon.serve()
+    try:
+        daemon.serve()
+    except OSError as e:  # the streaming port taken, its TLS files unreadable: one clear line
+        logging.getLogger("vmlet").exception("cannot serve")
+        print(f"vmlet: cannot serve: {e}", file=sys.stderr)
+        daemon.stop()
+        return 1
     stop.wait()
     logging.getLogger("vmlet").info("shutting down; VMs keep running")
     daemon.stop()

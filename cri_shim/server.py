@@ -1,8 +1,10 @@
 """Wiring: config → libvirt, image store, runtime, recovery → one gRPC server on a unix socket.
 
 The RuntimeService and the ImageService share the socket, as the kubelet
-expects of one runtime endpoint. Shutdown stops serving and leaves VMs
-running: they are the pods' workloads, not the daemon's.
+expects of one runtime endpoint. The streaming server (the URLs of Exec,
+Attach and PortForward) starts before the CRI is served and stops after it.
+Shutdown stops serving and leaves VMs running: they are the pods'
+workloads, not the daemon's.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from image_service.service import ImageService
 from image_service.urlpolicy import AddressPolicy
 from proto.runtime.v1 import api_pb2_grpc
 
-from . import accel, recovery
+from . import accel, recovery, stream_requests
 from .config import Config
 from .errors import DecodeErrors
 from .libvirt_host import LibvirtHost
 from .runtime import Runtime
 from .service import RuntimeService
 from .storage.vm_files import ensure_traversable
+from .streaming.server import ServerConfig, StreamingServer
 
 log = logging.getLogger("vmlet")
 
@@ -45,9 +48,18 @@ class Daemon:
         report = recovery.recover(self.runtime)
         log.info("recovered: %s", {k: len(v) for k, v in report.items()})
         self.server: grpc.Server | None = None
+        self.streaming: StreamingServer | None = None
         self.stopped = threading.Event()
 
+    def streaming_config(self) -> ServerConfig:
+        c = self.config
+        return ServerConfig(address=c.streaming_address, port=c.streaming_port, tls_cert=c.streaming_tls_cert,
+                            tls_key=c.streaming_tls_key, advertise_address=c.streaming_advertise_address,
+                            stream_idle_timeout=c.streaming_idle_timeout,
+                            max_connections=c.streaming_max_connections)
+
     def serve(self) -> None:
+        self.streaming = stream_requests.start_server(self.runtime, self.streaming_config())
         # DecodeErrors: a request that is not valid protobuf is the client's mistake (INVALID_ARGUMENT), not INTERNAL.
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="cri"),
                              interceptors=[DecodeErrors()])
@@ -61,6 +73,10 @@ class Daemon:
         if self.server is not None:
             self.server.stop(grace).wait()
             self.server = None
+        if self.streaming is not None:
+            self.streaming.stop()
+            self.streaming = None
+            self.runtime.streaming = None
         self.runtime.close()
         self.images.close()
         self.host.close()

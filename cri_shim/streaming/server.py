@@ -130,6 +130,9 @@ class _Wire:
         self.last = time.monotonic()
 
     def send(self, data, flags: int = 0) -> int:
+        if flags and isinstance(self.sock, ssl.SSLSocket):
+            # SSLSocket takes no flags (MSG_DONTWAIT for a best-effort GOAWAY): "would block" instead.
+            raise BlockingIOError("no send flags on a TLS socket")
         sent = self.sock.send(data, flags) if flags else self.sock.send(data)
         self.last = time.monotonic()
         return sent
