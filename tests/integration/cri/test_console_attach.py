@@ -184,9 +184,11 @@ def _wait_log(path: Path, pattern: str, timeout: float) -> re.Match:
     raise AssertionError(f"{pattern!r} not in {path} after {timeout}s:\n{text[-3000:]}")
 
 
-def _run_vm(client: cri.Client, log_dir: Path, name: str) -> tuple[str, str]:
+def _run_vm(client: cri.Client, log_dir: Path, name: str, annotations: dict[str, str] | None = None,
+            port_mappings=()) -> tuple[str, str]:
     client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)), timeout=120)
-    pod = cri.pod_config(name=name, log_directory=str(log_dir))
+    pod = cri.pod_config(name=name, log_directory=str(log_dir), annotations=annotations)
+    pod.port_mappings.extend(port_mappings)
     sandbox_id = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
     container_id = client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
         pod_sandbox_id=sandbox_id, config=cri.container_config(TESTVM, log_path="vm/0.log"), sandbox_config=pod),

@@ -31,7 +31,14 @@ from cri_shim.runtime import Runtime
 from cri_shim.state import SandboxRecord
 from image_service.store import Store as ImageStore
 from proto.runtime.v1 import api_pb2
+from tests.integration.cri import conftest as cri_fixtures
+from tests.integration.cri import test_console_attach as attach_test
 from tests.support import libvirt_env, netsupport
+
+# The in-process vmlet daemon of the attach test, with the fixtures it needs, for the real-guest test.
+vmlet_dir = cri_fixtures.vmlet_dir
+cni_conf_dir = cri_fixtures.cni_conf_dir
+daemon = attach_test.daemon
 
 # In the fake VM: 7000 answers once the client's half is closed (half-close both ways), 7001 echoes.
 SERVER = r"""
@@ -313,3 +320,53 @@ def test_bridge_binding_forward_with_the_proposed_network_fix(runtime, fake_vms,
     with pytest.raises(errors.CRIError) as e:
         port_forward.forward_stream(runtime, sid, 7999, Duplex())
     assert e.value.message.endswith("connection refused") and pn.pod_ip in e.value.message
+
+
+# Started by the guest's user data (the test image runs a #! script at boot): busybox httpd and an nc echo.
+GUEST_SERVERS = """#!/bin/sh
+mkdir -p /www && echo "served by $(hostname)" > /www/index.html
+busybox httpd -p 8080 -h /www
+busybox nc -ll -p 7000 -e /bin/cat </dev/null >/dev/null 2>&1 &
+echo GUEST-SERVERS-UP
+"""
+
+
+@pytest.mark.libvirt
+def test_forward_to_servers_in_a_real_guest_masquerade(daemon, vmlet_dir):
+    d, client = daemon
+    rt = d.runtime
+    log = vmlet_dir / "pods" / "pf" / "vm" / "0.log"
+    sid, _ = attach_test._run_vm(client, log.parent.parent, "pf-guest", annotations={
+        "vmlet.dev/network-binding": "masquerade", "VirtletCloudInitUserDataScript": GUEST_SERVERS},
+        port_mappings=[api_pb2.PortMapping(protocol=api_pb2.UDP, container_port=5353)])
+    attach_test._wait_log(log, r"stdout F GUEST-SERVERS-UP$", 180)
+    attach_test._wait_log(log, r"stdout F VMLET-TESTVM: ready$", 60)
+    port_forward.check_port_forward(rt, sid, [8080, 7000])
+    with pytest.raises(errors.CRIError) as e:
+        port_forward.check_port_forward(rt, sid, [8080, 5353])
+    assert "port[1]" in e.value.message and "TCP only" in e.value.message
+
+    web = Duplex()
+    box = forward(rt, sid, 8080, web)
+    web.send(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+    answer = web.received(60)
+    assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n", 1)[0], answer[:200]
+    assert answer.endswith(b"served by pf-guest\n")
+    web.send_eof()
+    box["thread"].join(10)
+    assert "error" not in box
+
+    data = os.urandom(200_000)
+    echo = Duplex()
+    box = forward(rt, sid, 7000, echo)
+    for off in range(0, len(data), 16_384):
+        echo.send(data[off:off + 16_384])
+    echo.send_eof()
+    assert hashlib.sha256(echo.received(120)).hexdigest() == hashlib.sha256(data).hexdigest()
+    box["thread"].join(10)
+    assert "error" not in box
+
+    with pytest.raises(errors.CRIError) as e:
+        port_forward.forward_stream(rt, sid, 7999, Duplex())
+    assert e.value.message.startswith("failed to connect to 10.0.2.2:7999 inside namespace ")
+    assert e.value.message.endswith(": connection refused")
