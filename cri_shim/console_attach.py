@@ -261,6 +261,11 @@ class ConsoleHub:
             return
         self.ended = why
         log.info("console of %s ended: %s", self.domain, why)
+        if self._stream is not None:  # (on the loop thread) no more events: an ended stream keeps firing HANGUP
+            try:
+                self._stream.eventUpdateCallback(0)
+            except libvirt.libvirtError:
+                pass
         for c in self._clients:
             c.end("console")
         self._lock.notify_all()

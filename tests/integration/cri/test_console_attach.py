@@ -232,14 +232,14 @@ def test_console_attach_shared_by_clients_log_intact_slow_client_dropped_ends_wh
 
     # Two clients; one types, both see the guest's answer (computed by the guest: not an echo of the input).
     a = Attached(rt, cid)
-    b = Attached(rt, cid, stdin=False)
+    b = Attached(rt, cid, stdin=False, tty=True)  # a terminal: one output stream, the same console
     a.type("\n")  # console.sh starts the shell on the first line
     time.sleep(2)
     a.type("echo ATTACH-$((6*7))-OK\n")
     a.stdout.wait_for(r"ATTACH-42-OK\r?\n", 60)
     b.stdout.wait_for(r"ATTACH-42-OK\r?\n", 10)
     _wait_log(log, r"stdout F ATTACH-42-OK$", 10)  # the CRI log has it as well
-    assert a.session.stderr.text() == "" and b.session.stderr.text() == ""
+    assert a.session.stderr.text() == "" and b.session.stderr is None  # the console is stdout, stderr gets nothing
 
     # A client that never reads is dropped once its queue is over the bound; the others lose nothing.
     monkeypatch.setattr(console_attach, "CLIENT_QUEUE_BYTES", 16 * 1024)
