@@ -185,14 +185,15 @@ def _wait_log(path: Path, pattern: str, timeout: float) -> re.Match:
 
 
 def _run_vm(client: cri.Client, log_dir: Path, name: str, annotations: dict[str, str] | None = None,
-            port_mappings=()) -> tuple[str, str]:
+            port_mappings=(), stdin_once: bool = False) -> tuple[str, str]:
     client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)), timeout=120)
     pod = cri.pod_config(name=name, log_directory=str(log_dir), annotations=annotations)
     pod.port_mappings.extend(port_mappings)
     sandbox_id = client.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
+    ccfg = cri.container_config(TESTVM, log_path="vm/0.log")
+    ccfg.stdin = ccfg.stdin_once = stdin_once
     container_id = client.runtime.CreateContainer(api_pb2.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, config=cri.container_config(TESTVM, log_path="vm/0.log"), sandbox_config=pod),
-        timeout=120).container_id
+        pod_sandbox_id=sandbox_id, config=ccfg, sandbox_config=pod), timeout=120).container_id
     client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=120)
     return sandbox_id, container_id
 
@@ -281,6 +282,32 @@ def test_console_attach_shared_by_clients_log_intact_slow_client_dropped_ends_wh
     with pytest.raises(errors.CRIError) as e:
         console_attach.check_attach(rt, cid)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not running" in e.value.message
+
+
+def test_stdin_once_without_tty_keeps_the_output_after_stdin_ends_until_the_vm_stops(daemon, vmlet_dir):
+    """containerd's rule: stdin_once && !tty closes the container's stdin and keeps the output attached."""
+    d, client = daemon
+    rt = d.runtime
+    log = vmlet_dir / "pods" / "once" / "vm" / "0.log"
+    _, cid = _run_vm(client, log.parent.parent, "once", stdin_once=True)
+    _wait_log(log, r"stdout F VMLET-TESTVM: ready$", BOOT_TIMEOUT)
+    once = Attached(rt, cid)
+    other = Attached(rt, cid)  # same container, so the same rule: it types, once only watches after its EOF
+    once.type("\n")
+    time.sleep(2)
+    once.type("echo ONCE-$((3*3))\n")
+    once.stdout.wait_for(r"ONCE-9\r?\n", 60)
+    once.stdin.eof()
+    assert not once.returned.wait(3), "the session ended at stdin's EOF despite stdin_once"
+    other.type("echo AFTER-EOF-$((4*4))\n")
+    once.stdout.wait_for(r"AFTER-EOF-16\r?\n", 60)
+    other.session.closed.set()
+    other.wait(10)
+    client.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), timeout=120)
+    once.wait(60)
+    assert once.error is None and other.error is None
+    assert not console_attach._hubs.get(rt)
+    assert _eventually(lambda: not _pump_threads(), 10), _pump_threads()
 
 
 def _eventually(predicate, timeout: float) -> bool:
