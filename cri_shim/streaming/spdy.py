@@ -115,6 +115,7 @@ class ProtocolError(Exception):
     def __init__(self, message: str, status: int = GOAWAY_PROTOCOL_ERROR):
         super().__init__(message)
         self.status = status
+        self.frames: list = []  # from FrameDecoder.feed: the frames completed before the bad one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +313,7 @@ class FrameDecoder:
         except ProtocolError as e:
             self._failed = e
             self._buf = bytearray()
+            e.frames = out
             raise
         return out
 
@@ -763,10 +765,15 @@ class SpdyConnection:
 
     def _process(self, data: bytes) -> tuple[bool, int | None]:
         try:
-            frames = self._dec.feed(data)
-            for frame in frames:
+            try:
+                frames, error = self._dec.feed(data), None
+            except ProtocolError as e:
+                frames, error = e.frames, e
+            for frame in frames:  # those before a bad frame are the peer's too
                 if self._ended or not self._handle(frame):
                     return True, None
+            if error is not None:
+                raise error
         except ProtocolError as e:
             log.info("SPDY connection: protocol error from the peer: %s", e)
             return True, e.status
