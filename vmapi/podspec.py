@@ -12,6 +12,10 @@
   Template annotations pass through, but the generated ones win.
 * restartPolicy Never: restarts are the controller's decision (runStrategy), not
   the kubelet's.
+* Probes: the VM's exec readinessProbe/livenessProbe go on the container with the
+  kubelet's defaults written out; the kubelet runs them through the node's ExecSync
+  (the guest agent). A failed liveness probe stops the VM; restartPolicy Never leaves
+  the restart to the controller's runStrategy, as KubeVirt does.
 * Disks and volumes (vmapi/storage.py): pod volumes, mounts and devices, and the
   `vmlet.dev/disks` / `vmlet.dev/root-reimage` annotations, which only the spec
   makes (a template annotation of those names is dropped). They depend on the
@@ -227,6 +231,10 @@ def render(vm: Mapping[str, Any], claims: Mapping[str, Any] | None = None,
             "limits": {"memory": vmi.domain.memory.guest},
         },
     }
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = getattr(vmi, kind)
+        if probe is not None:
+            container[kind] = container_probe(probe)
     if disks.mounts:
         container["volumeMounts"] = disks.mounts
     if disks.devices:
@@ -257,6 +265,20 @@ def render(vm: Mapping[str, Any], claims: Mapping[str, Any] | None = None,
         },
         "spec": pod_spec,
     }
+
+
+# The kubelet's defaults (core/v1 SetDefaults_Probe), written out so the pod says what runs.
+PROBE_DEFAULTS = {"initialDelaySeconds": 0, "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1,
+                  "failureThreshold": 3}
+
+
+def container_probe(probe: types.Probe) -> dict[str, Any]:
+    """A VM's exec probe as the pod container's (the kubelet runs it through the node's ExecSync)."""
+    out: dict[str, Any] = {"exec": {"command": list(probe.exec.command)}}
+    for k, default in PROBE_DEFAULTS.items():
+        v = getattr(probe, k)
+        out[k] = default if v is None else v
+    return out
 
 
 def owner_reference(vm: Mapping[str, Any]) -> dict[str, Any]:

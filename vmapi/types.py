@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GROUP = "vmlet.dev"
 VERSION = "v1alpha1"
@@ -229,6 +229,43 @@ class CloudInit(_Model):
         None, description="Secret with authorized keys (VirtletSSHKeySource); key default authorized_keys.")
 
 
+class ExecAction(_Model):
+    command: list[Annotated[str, Field(max_length=4096)]] = Field(
+        ..., min_length=1, max_length=256,
+        description="Run in the guest through its guest agent (argv, no shell); exit 0 is success.")
+
+
+# Probe kinds KubeVirt and Kubernetes have that vmlet does not run: declared (free-form) so the API server
+# keeps them and the controller can refuse them by name, instead of pruning them silently.
+UNSUPPORTED_PROBES = ("httpGet", "tcpSocket", "grpc", "guestAgentPing")
+
+
+class Probe(_Model):
+    """A readiness or liveness probe of the VM, KubeVirt's names: `exec` only (run through the guest agent by
+    the node's ExecSync); the pod's container gets it as is, so the kubelet runs it."""
+
+    exec: ExecAction | None = None
+    httpGet: dict[str, Any] | None = Field(None, json_schema_extra=_FREE_FORM, description="Not supported.")
+    tcpSocket: dict[str, Any] | None = Field(None, json_schema_extra=_FREE_FORM, description="Not supported.")
+    grpc: dict[str, Any] | None = Field(None, json_schema_extra=_FREE_FORM, description="Not supported.")
+    guestAgentPing: dict[str, Any] | None = Field(None, json_schema_extra=_FREE_FORM, description="Not supported.")
+    initialDelaySeconds: int | None = Field(None, ge=0, le=86400, description="Default 0.")
+    timeoutSeconds: int | None = Field(None, ge=1, le=3600, description="Default 1 (the kubelet's).")
+    periodSeconds: int | None = Field(None, ge=1, le=86400, description="Default 10.")
+    successThreshold: int | None = Field(None, ge=1, le=1000, description="Default 1; 1 for a liveness probe.")
+    failureThreshold: int | None = Field(None, ge=1, le=1000, description="Default 3.")
+
+    @model_validator(mode="after")
+    def _exec_only(self) -> "Probe":
+        other = [k for k in UNSUPPORTED_PROBES if getattr(self, k) is not None]
+        if other:
+            raise ValueError(f"{other[0]} probes are not supported (only exec: a command run in the guest "
+                             "through its guest agent)")
+        if self.exec is None:
+            raise ValueError("a probe needs exec.command (the only kind supported)")
+        return self
+
+
 class VMISpec(_Model):
     domain: Domain
     cloudInit: CloudInit | None = None
@@ -242,6 +279,16 @@ class VMISpec(_Model):
         180, ge=0, le=3600, description="Time the guest gets for an ACPI shutdown (KubeVirt's default).")
     volumes: list[Volume] | None = Field(None, max_length=96, json_schema_extra=_NAMED_LIST,
                                          description="What disks and filesystems are made from.")
+    readinessProbe: Probe | None = Field(None, description="Exec probe: the VM is ready while it succeeds.")
+    livenessProbe: Probe | None = Field(
+        None, description="Exec probe: the VM is stopped when it fails (runStrategy decides the restart).")
+
+    @field_validator("livenessProbe")
+    @classmethod
+    def _liveness_threshold(cls, probe: Probe | None) -> Probe | None:
+        if probe is not None and probe.successThreshold not in (None, 1):
+            raise ValueError("successThreshold must be 1 for a liveness probe (as for a pod)")
+        return probe
 
 
 class TemplateMeta(_Model):

@@ -114,3 +114,64 @@ def test_the_vm_pod_carries_no_service_account_token():
     vm = {"metadata": {"name": "tok", "namespace": "default", "uid": "u-1"},
           "spec": {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/testvm"}}}}}}
     assert ps.render(vm)["spec"]["automountServiceAccountToken"] is False
+
+
+# ---------------------------------------------------------------- exec probes (KubeVirt's readinessProbe/livenessProbe)
+
+def _with(**vmi_extra):
+    vm = {"metadata": {"name": "p", "namespace": "default", "uid": "u-2"},
+          "spec": {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/testvm"}}, **vmi_extra}}}}
+    return vm
+
+
+def test_exec_probes_go_to_the_container_with_the_kubelets_defaults_written_out():
+    pod = podspec.render(_with(readinessProbe={"exec": {"command": ["cat", "/etc/os-release"]}, "periodSeconds": 2},
+                               livenessProbe={"exec": {"command": ["true"]}, "failureThreshold": 1,
+                                              "timeoutSeconds": 5, "initialDelaySeconds": 30}))
+    (c,) = pod["spec"]["containers"]
+    assert c["readinessProbe"] == {"exec": {"command": ["cat", "/etc/os-release"]}, "initialDelaySeconds": 0,
+                                   "timeoutSeconds": 1, "periodSeconds": 2, "successThreshold": 1,
+                                   "failureThreshold": 3}
+    assert c["livenessProbe"] == {"exec": {"command": ["true"]}, "initialDelaySeconds": 30, "timeoutSeconds": 5,
+                                  "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 1}
+    assert pod["spec"]["restartPolicy"] == "Never"  # a failed liveness probe ends the pod: runStrategy restarts
+
+
+def test_no_probes_no_probe_fields_and_an_unchanged_template_hash():
+    bare = _with()
+    (c,) = podspec.render(bare)["spec"]["containers"]
+    assert "readinessProbe" not in c and "livenessProbe" not in c
+    # A new optional field must not change the hash of existing VMs (RestartRequired under running pods).
+    assert podspec.template_hash(bare["spec"]) == podspec.template_hash(
+        {"template": {"spec": {"domain": {"rootDisk": {"image": "virtlet.cloud/testvm"}}, "readinessProbe": None}}})
+    assert podspec.template_hash(bare["spec"]) != podspec.template_hash(
+        _with(readinessProbe={"exec": {"command": ["true"]}})["spec"])
+
+
+@pytest.mark.parametrize("kind", ["httpGet", "tcpSocket", "grpc", "guestAgentPing"])
+@pytest.mark.parametrize("field", ["readinessProbe", "livenessProbe"])
+def test_probe_kinds_other_than_exec_are_refused_naming_the_probe_and_the_kind(field, kind):
+    with pytest.raises(podspec.SpecError, match=rf"spec\.template\.spec\.{field}: .*{kind} probes are not supported"):
+        podspec.render(_with(**{field: {kind: {"port": 80}}}))
+
+
+@pytest.mark.parametrize("probe, where, what", [
+    ({}, "readinessProbe", "needs exec.command"),
+    ({"exec": {"command": []}}, r"readinessProbe\.exec\.command", "at least 1 item"),
+    ({"exec": {}}, r"readinessProbe\.exec\.command", "Field required"),
+    ({"exec": {"command": ["true"]}, "periodSeconds": 0}, r"readinessProbe\.periodSeconds", "greater than or equal to 1"),
+    ({"exec": {"command": ["true"]}, "timeoutSeconds": 0}, r"readinessProbe\.timeoutSeconds", "greater than or equal"),
+    ({"exec": {"command": ["true"]}, "initialDelaySeconds": -1}, r"readinessProbe\.initialDelaySeconds", "greater"),
+    ({"exec": {"command": ["true"]}, "failureThreshold": 0}, r"readinessProbe\.failureThreshold", "greater"),
+    ({"exec": {"command": ["true"]}, "exec2": 1}, r"readinessProbe\.exec2", "Extra inputs"),
+])
+def test_bad_probes_are_spec_errors_naming_the_field(probe, where, what):
+    with pytest.raises(podspec.SpecError, match=rf"spec\.template\.spec\.{where}: .*{what}"):
+        podspec.render(_with(readinessProbe=probe))
+
+
+def test_a_liveness_probe_needs_a_success_threshold_of_one():
+    with pytest.raises(podspec.SpecError, match=r"spec\.template\.spec\.livenessProbe: .*successThreshold must be 1"):
+        podspec.render(_with(livenessProbe={"exec": {"command": ["true"]}, "successThreshold": 2}))
+    (c,) = podspec.render(_with(readinessProbe={"exec": {"command": ["true"]}, "successThreshold": 2}))["spec"]["containers"]
+    assert c["readinessProbe"]["successThreshold"] == 2
