@@ -28,7 +28,7 @@ from cri_shim.storage import pod_volumes
 from cri_shim.network import netns
 from cri_shim.network.names import host_bridge, host_veth, netns_name
 from proto.runtime.v1 import api_pb2
-from tests.support import cri, libvirt_env, netsupport, storage
+from tests.support import cri, libvirt_env, netsupport, spdyclient, storage
 from tests.support.prereq import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,23 +42,32 @@ CONTAINERD_SOCKET = Path(os.environ.get("VMLET_TEST_CONTAINERD_SOCKET", "/run/vm
 
 # bench -> what it needs besides the venv (checked first, so a missing piece is named, not a traceback)
 BENCHES = {
+    "attach_echo": "libvirt",
     "cri_boot": "libvirt",
     "criproxy_latency": "containerd",
+    "exec_sync": "libvirt",
     "image_pull": None,
     "list_containers": None,
     "network_overhead": "root",
+    "port_forward": "libvirt+spdy",
     "root_boot": "libvirt",
     "root_import": "root",
     "vmapi_reconcile": None,
 }
+# bench modules that are not benches: what the others share
+HELPERS = {"cli", "vm_pod"}
 
 
 def test_every_bench_is_covered():
-    assert sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "cli") == sorted(BENCHES)
+    assert sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem not in HELPERS) == sorted(BENCHES)
 
 
 def require_for(what: str | None) -> None:
     require(PYTHON.is_file(), f"{PYTHON} missing (run deploy/setup-host.sh)")
+    if what == "libvirt+spdy":  # the SPDY test client (tests/support/spdyclient) as well
+        why = spdyclient.missing()
+        require(why is None, why or "")
+        what = "libvirt"
     if what == "libvirt":
         try:
             libvirt_env.connect().close()
@@ -156,8 +165,8 @@ def run_as_user(argv: list[str], timeout: float = TIMEOUT, grace: float = 60) ->
     return proc.returncode, out, left
 
 
-@pytest.mark.parametrize("bench", [pytest.param(b, marks=pytest.mark.libvirt) if need == "libvirt" else b
-                                   for b, need in BENCHES.items()])
+@pytest.mark.parametrize("bench", [pytest.param(b, marks=pytest.mark.libvirt) if need and need.startswith("libvirt")
+                                   else b for b, need in BENCHES.items()])
 def test_bench_runs_in_quick_mode(bench):
     require_for(BENCHES[bench])
     started = time.monotonic()
