@@ -122,9 +122,12 @@ def test_missing_image_second_container_and_bad_log_path(client, pulled, vmlet, 
 
     code, message = code_of(rt.StartContainer, api_pb2.StartContainerRequest(container_id=first[:8] + "x"))
     assert code == grpc.StatusCode.NOT_FOUND
-    # Exec & co. are not for VMs (yet): UNIMPLEMENTED with a reason.
-    code, message = code_of(rt.ExecSync, api_pb2.ExecSyncRequest(container_id=first, cmd=["ls"]))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "SSH" in message
+    # Exec & co. need a running VM: FAILED_PRECONDITION saying so, before any URL is handed out.
+    for call, req in [(rt.ExecSync, api_pb2.ExecSyncRequest(container_id=first, cmd=["ls"])),
+                      (rt.Exec, api_pb2.ExecRequest(container_id=first, cmd=["ls"], stdout=True)),
+                      (rt.Attach, api_pb2.AttachRequest(container_id=first, stdout=True))]:
+        code, message = code_of(call, req)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not running" in message, message
     # The image cannot be removed from under the VM's overlay.
     client.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=pulled)))
     files = list((vmlet.state_dir / "images" / "sha256").iterdir())
