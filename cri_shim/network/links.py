@@ -1,9 +1,9 @@
 """Netlink work (pyroute2): the host bridge + veth that carry the VM's segment, and the pod-side wiring.
 
-Host side (host netns, calling thread):   vb<id12> (bridge, no IP)  ── vh<id12> (veth) ══╗
+Host side (host netns, calling thread):   vb<id12> (bridge, no IP, no ARP) ── vh<id12> ══╗
 Pod side (inside the pod netns, through `netns.run_in`):                               ║
     bridge binding:     br0 (169.254.75.10/32, dnsmasq) ─┬─ vm0 (veth peer) ═══════════╝
-                                                         └─ eth0 (CNI; addresses moved to the VM)
+                        route <pod IP>/32 dev br0        └─ eth0 (CNI; addresses moved to the VM)
     masquerade binding: br0 (10.0.2.1/24, dnsmasq, NAT to eth0) ── vm0;  eth0 keeps the pod IP
 libvirt adds the VM's tap to vb<id12> when the domain starts and removes it when it stops.
 
@@ -26,6 +26,8 @@ from .names import POD_BRIDGE, POD_IFNAME, POD_VM_VETH, parse_link_alias, random
 
 RT_TABLE_MAIN = 254
 RTPROT_KERNEL = 2
+RT_SCOPE_LINK = 253
+IFF_NOARP = 0x80
 
 
 def _lookup(ipr: IPRoute, ifname: str) -> int | None:
@@ -78,9 +80,14 @@ def _disable_ipv6(*ifnames: str) -> None:
 # ---------------------------------------------------------------- host side
 
 def host_create(bridge: str, veth: str, netns_path: str, mtu: int, alias: str) -> None:
-    """The host bridge and the veth pair whose peer is `vm0` in the pod netns (idempotent)."""
+    """The host bridge and the veth pair whose peer is `vm0` in the pod netns (idempotent).
+
+    The bridge is pure L2 and never speaks ARP (IFF_NOARP): with the host's default arp_ignore=0 it
+    would answer the guest's ARP for its gateway (a host address) with its own MAC, and the guest's
+    gateway traffic would enter the host stack here instead of travelling the pod's segment."""
     with IPRoute() as ipr:
         br = _ensure_bridge(ipr, bridge, mtu, alias)
+        ipr.link("set", index=br, flags=IFF_NOARP, change=IFF_NOARP)
         vh = _lookup(ipr, veth)
         if vh is None:
             ipr.link("add", ifname=veth, kind="veth", mtu=mtu, ifalias=alias,
@@ -93,9 +100,11 @@ def host_create(bridge: str, veth: str, netns_path: str, mtu: int, alias: str) -
 
 
 def host_present(bridge: str, veth: str) -> bool:
+    """The bridge (ARP off) with the veth as a port."""
     with IPRoute() as ipr:
         br, vh = _lookup(ipr, bridge), _lookup(ipr, veth)
-        return br is not None and vh is not None and _link(ipr, vh).get("master") == br
+        return (br is not None and vh is not None and _link(ipr, vh).get("master") == br
+                and bool(_link(ipr, br).get("flags", 0) & IFF_NOARP))
 
 
 def host_delete(bridge: str, veth: str) -> list[str]:
@@ -161,8 +170,10 @@ def read_interface(ifname: str = POD_IFNAME) -> PodInterface:
                             routes=tuple(routes), gateway=gateway)
 
 
-def wire_bridge_binding(vm_mac: str, server_cidr: str, mtu: int) -> None:
-    """eth0 and vm0 into br0; eth0 loses its addresses and the VM's MAC; br0 gets dnsmasq's address."""
+def wire_bridge_binding(vm_mac: str, server_cidr: str, mtu: int, pod_ip: str) -> None:
+    """eth0 and vm0 into br0; eth0 loses its addresses and the VM's MAC; br0 gets dnsmasq's address
+    and an on-link route to the pod IP (the VM) with that address as its source, so the pod netns
+    reaches the VM (port-forward). The VM's replies come back through bridge_local's rule."""
     with IPRoute() as ipr:
         eth = _lookup(ipr, POD_IFNAME)
         vm = _lookup(ipr, POD_VM_VETH)
@@ -182,7 +193,26 @@ def wire_bridge_binding(vm_mac: str, server_cidr: str, mtu: int) -> None:
         for idx in (eth, vm):
             ipr.link("set", index=idx, master=br, mtu=mtu, state="up")
         ipr.link("set", index=br, state="up")
+        ipr.route("replace", dst=pod_ip, dst_len=32, oif=br, prefsrc=str(server.ip), scope=RT_SCOPE_LINK,
+                  table=RT_TABLE_MAIN)
     _disable_ipv6(POD_BRIDGE, POD_VM_VETH, POD_IFNAME)
+
+
+def _route_to_vm(ipr: IPRoute, br: int, pod_ip: str, server_ip: str) -> bool:
+    for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+        if (r.get("dst") == pod_ip and r.get("dst_len") == 32 and r.get("oif") == br
+                and r.get("prefsrc") == server_ip and r.get("gateway") is None):
+            return True
+    return False
+
+
+def bridge_mac(ifname: str = POD_BRIDGE) -> str:
+    """The MAC of br0 (random, chosen at its creation: a re-created br0 has a new one)."""
+    with IPRoute() as ipr:
+        idx = _lookup(ipr, ifname)
+        if idx is None:
+            raise LookupError(f"{ifname} does not exist in the pod network namespace")
+        return _link(ipr, idx).get("address")
 
 
 def wire_masquerade_binding(gateway_cidr: str, mtu: int) -> None:
@@ -202,15 +232,20 @@ def wire_masquerade_binding(gateway_cidr: str, mtu: int) -> None:
         raise OSError("cannot enable IPv4 forwarding in the pod network namespace")
 
 
-def pod_wired(binding: str) -> bool:
-    """br0 exists with vm0 (and, for the bridge binding, eth0) as ports."""
+def pod_wired(binding: str, pod_ip: str = "", server_cidr: str = "") -> bool:
+    """br0 exists with vm0 (and, for the bridge binding, eth0) as ports; for the bridge binding
+    with `pod_ip` given, also the on-link route to it from dnsmasq's address."""
     with IPRoute() as ipr:
         br = _lookup(ipr, POD_BRIDGE)
         if br is None:
             return False
         ports = {link.get("ifname") for link in ipr.get_links() if link.get("master") == br}
         want = {POD_VM_VETH, POD_IFNAME} if binding == "bridge" else {POD_VM_VETH}
-        return want <= ports
+        if not want <= ports:
+            return False
+        if binding == "bridge" and pod_ip:
+            return _route_to_vm(ipr, br, pod_ip, str(ipaddress.ip_interface(server_cidr).ip))
+        return True
 
 
 def pod_unwire() -> list[str]:

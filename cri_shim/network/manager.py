@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 from ..crashpoints import crashpoint
 from . import cni as cnimod
-from . import dhcp, links, masquerade, netns
+from . import bridge_local, dhcp, links, masquerade, netns
 from .errors import CNIConfigError, CNIPluginError, NetworkError, NetworkLost
 from .model import BINDINGS, Binding, DNSSettings, PodNetwork, valid_hostname
 from .names import (POD_BRIDGE, POD_IFNAME, check_sandbox_id, host_bridge, host_veth, link_alias, netns_name,
@@ -47,6 +47,7 @@ log = logging.getLogger("vmlet.network")
 # dnsmasq's address on br0 under the bridge binding: link-local, /32, and not Calico's 169.254.1.1
 # (KubeVirt uses this range for the same purpose).
 DHCP_SERVER_CIDR = "169.254.75.10/32"
+DHCP_SERVER_IP = DHCP_SERVER_CIDR.split("/")[0]
 
 PHASE_SETTING_UP = "setting-up"
 PHASE_READY = "ready"
@@ -191,7 +192,8 @@ class NetworkManager:
             # The VM takes over the pod's address and eth0's MAC (plugins may pin the MAC, as virtlet knew).
             vm_mac = pod_if.mac
             vm_ip, vm_prefix, vm_gw = str(primary.ip), primary.network.prefixlen, pod_if.gateway
-            netns.run_in(ns_path, links.wire_bridge_binding, vm_mac, DHCP_SERVER_CIDR, mtu)
+            netns.run_in(ns_path, links.wire_bridge_binding, vm_mac, DHCP_SERVER_CIDR, mtu, vm_ip)
+            self._apply_local_delivery(ns_path)
         else:
             vm_mac = random_vm_mac()
             vm_ip, vm_prefix, vm_gw = masquerade.VM_IP, masquerade.VM_SUBNET.prefixlen, masquerade.VM_GATEWAY
@@ -206,6 +208,18 @@ class NetworkManager:
             vm_prefixlen=vm_prefix, vm_gateway=vm_gw)
         pid = self._start_dhcp(network)
         return dataclasses.replace(network, dnsmasq_pid=pid)
+
+    @staticmethod
+    def _apply_local_delivery(ns_path: str) -> None:
+        bridge_local.apply(ns_path, DHCP_SERVER_IP, netns.run_in(ns_path, links.bridge_mac))
+
+    @staticmethod
+    def _local_delivery_present(ns_path: str) -> bool:
+        try:
+            mac = netns.run_in(ns_path, links.bridge_mac)
+        except LookupError:
+            return False
+        return bridge_local.present(ns_path, DHCP_SERVER_IP, mac)
 
     def lease(self, network: PodNetwork) -> dhcp.Lease:
         return dhcp.Lease(interface=POD_BRIDGE, vm_mac=network.vm_mac, vm_ip=network.vm_ip,
@@ -244,10 +258,12 @@ class NetworkManager:
         problems = []
         if not links.host_present(pn.host_bridge, pn.host_veth):
             problems.append(f"host bridge {pn.host_bridge} / veth {pn.host_veth} missing")
-        if not netns.run_in(pn.netns_path, links.pod_wired, pn.binding):
+        if not netns.run_in(pn.netns_path, links.pod_wired, pn.binding, pn.vm_ip, DHCP_SERVER_CIDR):
             problems.append(f"{POD_BRIDGE} in {pn.netns_name} is not wired")
         if pn.binding == "masquerade" and not masquerade.present(pn.netns_path):
             problems.append("masquerade rules missing")
+        if pn.binding == "bridge" and not self._local_delivery_present(pn.netns_path):
+            problems.append(f"the local delivery rule for {DHCP_SERVER_IP} on {POD_BRIDGE} is missing")
         if dhcp.running_pid(self.pidfile(pn.sandbox_id)) is None:
             problems.append("dnsmasq is not running")
         return problems
@@ -288,9 +304,10 @@ class NetworkManager:
             if not links.host_present(pn.host_bridge, pn.host_veth):
                 links.host_create(pn.host_bridge, pn.host_veth, pn.netns_path, pn.mtu, link_alias(self.tag, sid))
                 repaired.append(f"host bridge {pn.host_bridge} / veth {pn.host_veth}")
-            if not netns.run_in(pn.netns_path, links.pod_wired, pn.binding):
+            if not netns.run_in(pn.netns_path, links.pod_wired, pn.binding, pn.vm_ip, DHCP_SERVER_CIDR):
                 if pn.binding == "bridge":
-                    netns.run_in(pn.netns_path, links.wire_bridge_binding, pn.vm_mac, DHCP_SERVER_CIDR, pn.mtu)
+                    netns.run_in(pn.netns_path, links.wire_bridge_binding, pn.vm_mac, DHCP_SERVER_CIDR, pn.mtu,
+                                 pn.vm_ip)
                 else:
                     netns.run_in(pn.netns_path, links.wire_masquerade_binding,
                                  f"{masquerade.VM_GATEWAY}/{masquerade.VM_SUBNET.prefixlen}", pn.mtu)
@@ -298,6 +315,10 @@ class NetworkManager:
             if pn.binding == "masquerade" and not masquerade.present(pn.netns_path):
                 masquerade.apply(pn.netns_path, [pn.pod_ip])
                 repaired.append("masquerade rules")
+            # After br0's re-creation too: the rule names br0's MAC, which is new then.
+            if pn.binding == "bridge" and not self._local_delivery_present(pn.netns_path):
+                self._apply_local_delivery(pn.netns_path)
+                repaired.append(f"local delivery for {DHCP_SERVER_IP}")
             pid = dhcp.running_pid(self.pidfile(sid))
             if pid is None:
                 pid = self._start_dhcp(pn)
@@ -377,6 +398,7 @@ class NetworkManager:
                 netns.run_in(ns_path, links.pod_unwire)
                 if shutil.which("nft"):
                     masquerade.remove(ns_path)
+                    bridge_local.remove(ns_path)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"unwiring {ns}: {e}")
         try:
@@ -446,4 +468,4 @@ class NetworkManager:
         return removed
 
 
-__all__ = ["NetworkManager", "DHCP_SERVER_CIDR"]
+__all__ = ["NetworkManager", "DHCP_SERVER_CIDR", "DHCP_SERVER_IP"]

@@ -107,6 +107,14 @@ def test_fake_vm_gets_exactly_the_pod_lease_and_the_pod_ip_answers_from_it(
                                              str(test_network.extra_route), test_network.gateway]
     assert lease["serverid"] == DHCP_SERVER_CIDR.split("/")[0]
 
+    # The VM's gateway is the CNI network's, reached over the pod's segment: the host bridge (ARP off)
+    # must not answer for the host's gateway address with its own MAC.
+    vm.run("busybox", "ip", "neigh", "flush", "dev", "eth0")
+    vm.run("busybox", "ping", "-c", "1", "-W", "3", test_network.gateway)
+    neigh = vm.run("busybox", "ip", "neigh", "show", test_network.gateway).stdout
+    gateway_mac = Path(f"/sys/class/net/{test_network.bridge}/address").read_text().strip()
+    assert gateway_mac in neigh.lower(), (neigh, gateway_mac)
+
     # The pod IP now lives in the fake VM: the host reaches it there, over TCP too.
     assert netsupport.ping(pn.pod_ip, count=2)
     vm.spawn(sys.executable, "-c", (

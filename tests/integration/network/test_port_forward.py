@@ -20,13 +20,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pyroute2 import IPRoute
 
 from cri_shim import errors, port_forward
 from cri_shim.config import Config
 from cri_shim.libvirt_host import LibvirtHost
 from cri_shim.network import netns
-from cri_shim.network.manager import DHCP_SERVER_CIDR
+from cri_shim.network import NetworkError
+from cri_shim.network.manager import DHCP_SERVER_IP
 from cri_shim.runtime import Runtime
 from cri_shim.state import SandboxRecord
 from image_service.store import Store as ImageStore
@@ -263,63 +263,68 @@ def test_masquerade_forward_both_ways_half_close_refused_port_many_at_once_no_le
     assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bridge binding: the pod netns holds no address on the pod's subnet (only 169.254.75.10/32 on br0) and no "
-    "route to the pod IP, and the guest's replies to 169.254.75.10 go to its default gateway; network/ needs an "
-    "on-link route to the pod IP from br0 and a bridge-level local delivery of the guest's frames for "
-    "169.254.75.10, and the host bridge must not answer the guest's ARP (see docs/attach.md and the test "
-    "below). Strict: passes once that lands, and this marker must go."))
 def test_bridge_binding_forward_reaches_the_pod_ip(runtime, fake_vms, tmp_path):
     sid, pn = ready_pod(runtime, "bridge")
     guest(fake_vms, pn, tmp_path)
     s = Duplex()
     box = forward(runtime, sid, 7000, s)
-    s.send(b"abc")
+    s.send(b"over the bridge")
     s.send_eof()
     box["thread"].join(20)
     assert "error" not in box, box["error"]
-    assert s.received(10) == b"got 3 bytes: cba"
-
-
-def apply_proposed_bridge_fix(pn) -> None:
-    """What docs/attach.md proposes for cri_shim/network/ (bridge binding), applied by hand until it lands there.
-
-    1. the host bridge does not answer ARP (else, with the host's arp_ignore=0, it answers the guest's ARP for
-       the gateway with its own MAC and the guest's traffic skips the pod's segment);
-    2. an on-link route from br0 to the pod IP with dnsmasq's address as the source;
-    3. the guest's frames for that address (sent to its gateway's MAC) delivered to br0, not bridged out of eth0.
-    """
-    server = DHCP_SERVER_CIDR.split("/")[0]
-    subprocess.run(["ip", "link", "set", "dev", pn.host_bridge, "arp", "off"], check=True)
-    ns = netns.nsenter_argv(pn.netns_path)
-    subprocess.run(ns + ["ip", "route", "replace", f"{pn.pod_ip}/32", "dev", "br0", "src", server], check=True)
-
-    def br0_mac() -> str:
-        with IPRoute() as ipr:  # netlink on the namespace's thread (/sys shows the host's links)
-            return ipr.get_links(ipr.link_lookup(ifname="br0")[0])[0].get_attr("IFLA_ADDRESS")
-
-    mac = netns.run_in(pn.netns_path, br0_mac)
-    script = "\n".join([
-        "table bridge vmlet_local {}", "delete table bridge vmlet_local", "table bridge vmlet_local {",
-        "  chain prerouting {", "    type filter hook prerouting priority dstnat; policy accept;",
-        f'    iifname "vm0" ip daddr {server} meta pkttype set host ether daddr set {mac}', "  }", "}", ""])
-    subprocess.run(ns + ["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
-
-
-def test_bridge_binding_forward_with_the_proposed_network_fix(runtime, fake_vms, tmp_path):
-    sid, pn = ready_pod(runtime, "bridge")
-    apply_proposed_bridge_fix(pn)
-    guest(fake_vms, pn, tmp_path)
-    s = Duplex()
-    box = forward(runtime, sid, 7000, s)
-    s.send(b"over the bridge")
-    s.send_eof()
-    assert s.received(20) == b"got 15 bytes: egdirb eht revo"
-    box["thread"].join(10)
-    assert "error" not in box
+    assert s.received(10) == b"got 15 bytes: egdirb eht revo"
     with pytest.raises(errors.CRIError) as e:
         port_forward.forward_stream(runtime, sid, 7999, Duplex())
-    assert e.value.message.endswith("connection refused") and pn.pod_ip in e.value.message
+    assert e.value.message == (f"failed to connect to {pn.pod_ip}:7999 inside namespace {pn.netns_name} of pod "
+                               f"sandbox {sid[:12]}: connection refused")
+
+
+def _echo_once(rt, sid: str, data: bytes) -> bytes:
+    s = Duplex()
+    box = forward(rt, sid, 7000, s)
+    s.send(data)
+    s.send_eof()
+    box["thread"].join(20)
+    assert "error" not in box, box["error"]
+    return s.received(10)
+
+
+def _in_pod(pn, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(netns.nsenter_argv(pn.netns_path) + list(argv), capture_output=True, text=True,
+                          check=check, timeout=30)
+
+
+def test_bridge_binding_reach_is_repaired_by_ensure_and_gone_after_teardown(runtime, fake_vms, tmp_path):
+    sid, pn = ready_pod(runtime, "bridge")
+    guest(fake_vms, pn, tmp_path)
+    nm = runtime.network
+    assert _echo_once(runtime, sid, b"one") == b"got 3 bytes: eno"
+    assert nm.ensure(pn) == []
+
+    # Each of the three pieces lost (an older vmlet's pod, or someone's hands): ensure puts them back.
+    subprocess.run(["ip", "link", "set", "dev", pn.host_bridge, "arp", "on"], check=True)
+    _in_pod(pn, "ip", "route", "del", f"{pn.pod_ip}/32", "dev", "br0")
+    _in_pod(pn, "nft", "delete", "table", "bridge", "vmlet_local")
+    with pytest.raises(NetworkError) as e:
+        nm.check(pn)
+    assert "local delivery rule" in str(e.value) and "not wired" in str(e.value)
+    assert nm.ensure(pn) == [f"host bridge {pn.host_bridge} / veth {pn.host_veth}", f"br0 in {pn.netns_name}",
+                             f"local delivery for {DHCP_SERVER_IP}"]
+    assert "NOARP" in subprocess.run(["ip", "link", "show", "dev", pn.host_bridge], capture_output=True,
+                                     text=True, check=True).stdout
+    nm.check(pn)
+    assert _echo_once(runtime, sid, b"two") == b"got 3 bytes: owt"
+
+    # br0 re-created gets a new random MAC: the rule follows it.
+    _in_pod(pn, "ip", "link", "del", "br0")
+    repaired = nm.ensure(pn)
+    assert repaired == [f"br0 in {pn.netns_name}", f"local delivery for {DHCP_SERVER_IP}"], repaired
+    assert _echo_once(runtime, sid, b"three") == b"got 5 bytes: eerht"
+
+    # Teardown takes the rule and the route with br0 (the netns itself goes at remove).
+    nm.teardown(pn)
+    assert _in_pod(pn, "nft", "list", "table", "bridge", "vmlet_local", check=False).returncode != 0
+    assert pn.pod_ip not in _in_pod(pn, "ip", "route", "show").stdout
 
 
 # Started by the guest's user data (the test image runs a #! script at boot): busybox httpd and an nc echo.
