@@ -15,14 +15,24 @@ Requests go to the annotation `vmlet.dev/state-change-requests` (see vmapi/reque
 runStrategy changes are merge patches of spec. Every write carries the VM's
 resourceVersion, so a concurrent change makes the command fail instead of losing it.
 Exit codes: 0 done, 1 refused or failed (message on stderr), 2 usage.
+
+`vmctl console NAME [--escape CHAR]` opens the VM's serial console through its pod's `attach`
+subresource (WebSocket, the kubernetes client's `stream`; stdin + stdout + tty on the VM container),
+with the local terminal in raw mode while it is open (restored on every way out: the escape key, the
+console closing, an error, SIGTERM/SIGHUP), and leaves on the escape key, `^]` (Ctrl+], 0x1d) by
+default, as virsh and virtctl. Every other byte, Ctrl+C included, goes to the guest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import select
+import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kubernetes.client.rest import ApiException
 
@@ -148,6 +158,178 @@ def show(vm: dict[str, Any], fmt: str) -> str:
 ACTIONS: dict[str, Callable[[Kube, dict[str, Any]], str]] = {"start": start, "stop": stop, "restart": restart}
 
 
+# ---------------------------------------------------------------- console
+
+DEFAULT_ESCAPE = "^]"
+STDOUT_CHANNEL, ERROR_CHANNEL = 1, 3  # remotecommand's WebSocket channels
+READ_SIZE = 4096
+
+
+def parse_escape(value: str) -> int:
+    """The escape key as a byte: caret notation (`^]`, `^A`, `^?`) or one ASCII character."""
+    if len(value) == 2 and value[0] == "^":
+        c = value[1].upper()
+        if c == "?":
+            return 0x7F
+        if "@" <= c <= "_":
+            return ord(c) - 0x40
+    elif len(value) == 1 and ord(value) < 0x80:
+        return ord(value)
+    raise ValueError(f"--escape: {value!r} is not one character or a control key in caret notation (^] ^A ... ^_)")
+
+
+def escape_name(key: int) -> str:
+    return "^?" if key == 0x7F else f"^{chr(key + 0x40)}" if key < 0x20 else chr(key)
+
+
+def split_at_escape(data: bytes, key: int) -> tuple[bytes, bool]:
+    """What goes to the guest from `data`, and whether the escape key came (what follows it does not go)."""
+    i = data.find(bytes([key]))
+    return (data, False) if i < 0 else (data[:i], True)
+
+
+def attach_error(e: BaseException) -> str:
+    """The server's reason an attach was refused: the Status message (the API server's), the text (the
+    kubelet's), or the client's own error."""
+    from websocket import WebSocketBadStatusException
+    cause = e if isinstance(e, WebSocketBadStatusException) else e.__context__
+    if isinstance(cause, WebSocketBadStatusException):
+        body = cause.resp_body or b""
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        try:
+            message = json.loads(text).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return f"{cause.status_code}: {(message or text).strip() or 'no reason given'}"
+    return str(getattr(e, "reason", None) or e)
+
+
+class ConsoleClosed(Exception):
+    """The server ended the console (the VM stopped, the pod went away)."""
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """The terminal at `fd` in raw mode (when it is one), restored on the way out, whatever it is;
+    SIGTERM, SIGHUP and SIGINT (raw mode sends Ctrl+C to the guest; a kill(1) may still send it) become
+    an exception, so that the way out is taken."""
+    import termios
+    import tty
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+
+    def on_signal(signum, _frame):
+        raise _Signalled(signum)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        if saved is not None:
+            tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        try:
+            if saved is not None:
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def open_console(kube: Kube, vm: dict[str, Any]):
+    """The attach session of the VM's pod (a kubernetes.stream WSClient); Refused with the server's reason."""
+    import websocket
+    from kubernetes.client.rest import ApiException as _ApiException
+    from kubernetes.stream import stream
+    pod = _pod(kube, vm)
+    if pod is None:
+        raise Refused("VM is not running (it has no pod)")
+    if _phase(pod) != "Running":
+        raise Refused(f"VM is not running (its pod {pod['metadata']['name']} is {_phase(pod)})")
+    previous = websocket.getdefaulttimeout()
+    websocket.setdefaulttimeout(kube.timeout)  # connecting and the handshake: never a hang
+    try:
+        ws = stream(kube.core.connect_get_namespaced_pod_attach, pod["metadata"]["name"], vm["metadata"]["namespace"],
+                    container=podspec.CONTAINER, stdin=True, stdout=True, stderr=False, tty=True,
+                    _preload_content=False, binary=True)
+    except _ApiException as e:
+        raise Refused(f"attach refused: {attach_error(e)}") from None
+    finally:
+        websocket.setdefaulttimeout(previous)
+    ws.sock.sock.settimeout(None)  # the session itself may be quiet for hours
+    return ws
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def run_console(ws, stdin_fd: int, stdout_fd: int, escape: int) -> None:
+    """Copy both ways until the escape key (return), stdin's EOF (return) or the server closing
+    (ConsoleClosed, with the error channel's message if there was one)."""
+    from websocket import WebSocketException
+    try:
+        _copy_console(ws, stdin_fd, stdout_fd, escape)
+    except (WebSocketException, ConnectionError) as e:  # the connection dropped without a close frame
+        raise ConsoleClosed(str(e) or type(e).__name__) from None
+
+
+def _copy_console(ws, stdin_fd: int, stdout_fd: int, escape: int) -> None:
+    sock = ws.sock.sock
+    while True:
+        if not ws.is_open():
+            err = ws.read_channel(ERROR_CHANNEL)
+            detail = ""
+            if err:
+                try:
+                    detail = json.loads(err).get("message") or ""
+                except (ValueError, AttributeError):
+                    detail = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
+            raise ConsoleClosed(detail)
+        pending = getattr(sock, "pending", lambda: 0)()  # TLS: records already decrypted
+        readable = [sock] if pending else select.select([stdin_fd, sock], [], [])[0]
+        if sock in readable:
+            ws.update(timeout=0)
+            out = ws.read_channel(STDOUT_CHANNEL)
+            if out:
+                _write_all(stdout_fd, out)
+        if stdin_fd in readable:
+            data = os.read(stdin_fd, READ_SIZE)
+            if not data:
+                return
+            data, leave = split_at_escape(data, escape)
+            if data:
+                ws.write_stdin(data)
+            if leave:
+                return
+
+
+def console(kube: Kube, vm: dict[str, Any], escape: int, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
+    name = vm["metadata"]["name"]
+    ws = open_console(kube, vm)
+    try:
+        print(f"Successfully connected to {name} console. The escape sequence is {escape_name(escape)}",
+              file=sys.stderr, flush=True)
+        try:
+            with raw_terminal(stdin_fd):
+                run_console(ws, stdin_fd, stdout_fd, escape)
+        except ConsoleClosed as e:
+            print(f"\nvmctl: the console of VM {name} was closed by the server{': ' + str(e) if str(e) else ''}",
+                  file=sys.stderr)
+            return 1
+        except _Signalled as e:
+            print(f"\nvmctl: console: {signal.Signals(e.signum).name}", file=sys.stderr)
+            return 128 + e.signum
+        print(file=sys.stderr)  # the guest's last line had no newline of ours
+        return 0
+    finally:
+        ws.close()
+
+
 def main(argv: list[str] | None = None, kube: Kube | None = None) -> int:
     from cri_shim.main import package_version
     p = argparse.ArgumentParser(prog="vmctl", description="Manage vmlet VirtualMachines (kubectl-like).")
@@ -163,7 +345,20 @@ def main(argv: list[str] | None = None, kube: Kube | None = None) -> int:
     stp = sub.add_parser("status", help="show a VM's status")
     stp.add_argument("name")
     stp.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    con = sub.add_parser("console", help="open a VM's serial console (leave with the escape key)")
+    con.add_argument("name")
+    # -n after the command too (`vmctl console NAME -n NS`), as virtctl; SUPPRESS keeps the global one otherwise.
+    con.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help="namespace")
+    con.add_argument("--escape", default=DEFAULT_ESCAPE, metavar="CHAR",
+                     help=f"the key that leaves the console (default {DEFAULT_ESCAPE}, Ctrl+]); caret notation or "
+                          "one character")
     args = p.parse_args(argv)
+    escape = None
+    if args.command == "console":
+        try:
+            escape = parse_escape(args.escape)
+        except ValueError as e:
+            p.error(str(e))
 
     try:
         if kube is None:
@@ -181,6 +376,8 @@ def main(argv: list[str] | None = None, kube: Kube | None = None) -> int:
         if args.command == "status":
             print(show(vm, args.output))
             return 0
+        if args.command == "console":
+            return console(kube, vm, escape)
         print(f"VM {args.name}: {ACTIONS[args.command](kube, vm)}")
         return 0
     except Refused as e:

@@ -101,3 +101,106 @@ def test_status_lists_the_volumes_and_what_holds_them_back():
     assert root[:4] == ["root", "root-db", "Pending", "/dev/disk/by-id/virtio-root"] and "not found" in lines[at + 2]
     assert conf == ["conf", "-", "-", "/etc/app"]
     assert "Volumes:" not in vmctl.show({"metadata": {"name": "x"}, "spec": {}, "status": {}}, "text")
+
+
+# ---------------------------------------------------------------- console: the pure parts
+
+@pytest.mark.parametrize("value,key", [("^]", 0x1D), ("^a", 0x01), ("^A", 0x01), ("^@", 0x00), ("^_", 0x1F),
+                                       ("^?", 0x7F), ("~", ord("~")), ("q", ord("q"))])
+def test_escape_keys_in_caret_notation_or_one_character(value, key):
+    assert vmctl.parse_escape(value) == key
+    assert vmctl.parse_escape(vmctl.escape_name(key)) == key
+
+
+@pytest.mark.parametrize("value", ["", "^]]", "ab", "^1", "é", "^é"])
+def test_bad_escape_keys_are_refused_naming_the_option(value):
+    with pytest.raises(ValueError, match="--escape"):
+        vmctl.parse_escape(value)
+
+
+def test_the_default_escape_is_ctrl_close_bracket_as_virsh_and_virtctl():
+    assert vmctl.parse_escape(vmctl.DEFAULT_ESCAPE) == 0x1D and vmctl.escape_name(0x1D) == "^]"
+
+
+@pytest.mark.parametrize("data,sent,leave", [
+    (b"ls\r", b"ls\r", False), (b"\x1d", b"", True), (b"ab\x1dcd", b"ab", True), (b"\x03", b"\x03", False)])
+def test_bytes_before_the_escape_key_go_to_the_guest_and_nothing_after_it(data, sent, leave):
+    assert vmctl.split_at_escape(data, 0x1D) == (sent, leave)
+
+
+def _refused(status, reason, body):
+    """An attach refused as the kubernetes client reports it: ApiException(status=0) raised while
+    handling websocket-client's bad-status error (what kubernetes.stream does)."""
+    from kubernetes.client.rest import ApiException
+    from websocket import WebSocketBadStatusException
+    try:
+        try:
+            raise WebSocketBadStatusException(f"Handshake status {status} {reason}", status, reason, {}, body)
+        except WebSocketBadStatusException as e:
+            raise ApiException(status=0, reason=str(e))
+    except ApiException as outer:
+        return outer
+
+
+def test_the_refusal_names_the_servers_reason():
+    status = (b'{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",'
+              b'"message":"pods \\"x-vm\\" not found","reason":"NotFound","code":404}')
+    assert vmctl.attach_error(_refused(404, "Not Found", status)) == '404: pods "x-vm" not found'
+    kubelet = b"rpc error: code = FailedPrecondition desc = the console is held by another client"
+    assert vmctl.attach_error(_refused(500, "Internal Server Error", kubelet)) == \
+        "500: rpc error: code = FailedPrecondition desc = the console is held by another client"
+    assert vmctl.attach_error(_refused(502, "Bad Gateway", b"")) == "502: no reason given"
+    from kubernetes.client.rest import ApiException
+    assert vmctl.attach_error(ApiException(status=0, reason="[Errno 111] Connection refused")) == \
+        "[Errno 111] Connection refused"
+
+
+@pytest.mark.parametrize("phase,expect", [(None, "VM is not running (it has no pod)"),
+                                          ("Pending", "VM is not running (its pod v-vm is Pending)"),
+                                          ("Succeeded", "VM is not running (its pod v-vm is Succeeded)")])
+def test_console_of_a_vm_that_is_not_running_is_refused_before_any_attach(phase, expect):
+    kube = FakeKube("Always", phase)
+    with pytest.raises(vmctl.Refused, match=r"^" + __import__("re").escape(expect) + "$"):
+        vmctl.open_console(kube, kube.vm)
+
+
+def test_raw_mode_is_restored_on_every_way_out():
+    """A real pty: raw inside, the saved mode after a normal exit, an exception and a signal."""
+    import os
+    import pty
+    import signal
+    import termios
+    master, slave = pty.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        with vmctl.raw_terminal(slave):
+            inside = termios.tcgetattr(slave)
+        assert inside != before and not inside[3] & termios.ICANON and not inside[3] & termios.ECHO
+        assert termios.tcgetattr(slave) == before
+        with pytest.raises(RuntimeError):
+            with vmctl.raw_terminal(slave):
+                raise RuntimeError("boom")
+        assert termios.tcgetattr(slave) == before
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(vmctl._Signalled) as e:
+            with vmctl.raw_terminal(slave):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+                raise AssertionError("the signal did not leave the block")
+        assert e.value.signum == signal.SIGTERM
+        assert termios.tcgetattr(slave) == before and signal.getsignal(signal.SIGTERM) == handler
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_console_takes_the_namespace_after_the_command_too(monkeypatch):
+    seen = {}
+
+    class Kube(FakeKube):
+        def get_vm(self, ns, name):
+            seen["ns"] = ns
+            return None
+    assert vmctl.main(["console", "v", "-n", "other"], kube=Kube("Always")) == 1
+    assert seen["ns"] == "other"
+    assert vmctl.main(["-n", "first", "console", "v"], kube=Kube("Always")) == 1
+    assert seen["ns"] == "first"
