@@ -210,3 +210,21 @@ def test_exec_attach_port_forward_in_a_real_guest(vm, client_binary, vmlet_dir):
 
     # The VM is still healthy after all of it.
     assert exec_sync(rt, cid, ["echo", "still-here"]).stdout == b"still-here\n"
+
+    # Last (it leaves the agent frozen): a connected agent that stops answering. What needs the agent fails
+    # within its bounds; what does not need it answers as fast as ever.
+    exec_sync(rt, cid, ["sh", "-c", "(sleep 1; kill -STOP $(pidof qemu-ga)) >/dev/null 2>&1 &"])
+    time.sleep(3)
+    started = time.monotonic()
+    rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid, verbose=True), timeout=5)
+    rt.ListContainers(api_pb2.ListContainersRequest(), timeout=5)
+    rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True), timeout=5)
+    assert time.monotonic() - started < 3
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        exec_sync(rt, cid, ["true"], timeout=5)
+    assert e.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION), e.value
+    assert "agent" in e.value.details() or "timeout" in e.value.details(), e.value.details()
+    assert time.monotonic() - started < 30
+    done = spdy(client_binary, "exec", exec_url(rt, cid, ["true"]), timeout=120)
+    assert done.returncode != 0 and b"agent" in done.stderr, done
