@@ -56,10 +56,23 @@ RemovePodSandbox, and in every pass for pods no longer bound to the node; `stop(
 leave no mount or directory behind. Not done: subPath, projected/downwardAPI/hostPath/ephemeral
 volumes, the kubelet's own file mounts (/etc/hosts, the termination log), fsGroup ownership, SELinux.
 
+Probes (`Prober`, the kubelet's prober workers): readiness and liveness probes of kind `exec` run
+through the CRI's ExecSync, one worker thread per running container and probe, with the probe's
+timeoutSeconds as ExecSync's timeout (DeadlineExceeded is a failed probe, as the kubelet treats a
+probe timeout; other errors are retried up to 3 times, then the attempt is thrown away), periodSeconds,
+initialDelaySeconds (from the container's start), and consecutive successThreshold/failureThreshold
+results before a result changes. Readiness sets the container's `ready` and the pod's
+ContainersReady/Ready conditions (not ready until the first success). A failed liveness probe stops
+probing that container and makes the next pass stop it (StopContainer with the pod's grace period, a
+Warning event Unhealthy); what happens then is the restartPolicy's, and since this agent does not
+restart containers (below) the pod ends — for a VM pod (restartPolicy Never) the VM controller's
+runStrategy decides the restart, as KubeVirt does. Other probe kinds (httpGet, tcpSocket, grpc) and
+startup probes are not run (an agent error says so).
+
 Level-triggered: every pass lists the pods and the agent's sandboxes (label AGENT_LABEL) and makes the
-one match the other; nothing is remembered between passes (the volumes are what is on disk). Not
-done: container restarts (VM pods are restartPolicy Never: the VM controller decides restarts),
-probes, init containers, images' pull secrets. It runs one pass at a time in its own thread, so a
+one match the other; nothing is remembered between passes but the probe workers' results (the
+volumes are what is on disk). Not done: container restarts (VM pods are restartPolicy Never: the VM
+controller decides restarts), init containers, images' pull secrets. It runs one pass at a time in its own thread, so a
 VM's shutdown holds up the other pods; fine for a test node.
 """
 
@@ -77,6 +90,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +150,7 @@ class KubeletAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._runtime_name = ""
+        self.prober = Prober(self.cri.runtime, self._error)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -153,6 +168,7 @@ class KubeletAgent:
             if self._thread.is_alive():
                 raise RuntimeError(f"the kubelet agent did not stop within {timeout}s")
             self._thread = None
+        self.prober.stop_all()
         self.volumes.teardown_all()
 
     def remove_all(self, grace: int = 0) -> list[str]:
@@ -165,6 +181,7 @@ class KubeletAgent:
         return ids
 
     def close(self) -> None:
+        self.prober.stop_all()
         self.cri.close()
         self.core.api_client.close()
 
@@ -218,6 +235,10 @@ class KubeletAgent:
             if uid not in bound:
                 self._did(f"remove orphan pod dir {uid}")
                 self.volumes.teardown(uid)
+        # Probe workers of containers that are not running any more (exited, removed) end.
+        self.prober.retain({c.id for c in self.cri.runtime.ListContainers(api_pb2.ListContainersRequest(
+            filter=api_pb2.ContainerFilter(state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING))),
+            timeout=30).containers})
 
     def _sync_pod(self, pod: dict[str, Any], sandboxes: list[api_pb2.PodSandbox]) -> None:
         meta, status = pod["metadata"], pod.get("status") or {}
@@ -253,6 +274,8 @@ class KubeletAgent:
             sid, ready = newest.id, newest.state == api_pb2.SANDBOX_READY
         if problems:  # a running pod keeps what its volumes had (as the kubelet, which logs and retries)
             log.info("kubelet agent %s: %s: volumes not refreshed: %s", self.node, self._key(pod), problems)
+        if ready:
+            self._kill_unhealthy(pod, sid)
         waiting, message = self._start_containers(pod, sid, volumes) if ready else (None, "")
         if self._report(pod, sid, waiting, message).get("phase") in FINAL and ready:
             # The kubelet stops a finished pod's sandbox (for a VM pod: frees its network).
@@ -375,7 +398,8 @@ class KubeletAgent:
         out["imageID"] = st.image_ref
         out["containerID"] = f"{self._runtime_name}://{st.id}"
         if st.state == api_pb2.CONTAINER_RUNNING:
-            out.update(ready=True, started=True, state={"running": {"startedAt": _ts(st.started_at)}})
+            ready = self.prober.watch(st.id, container, st.started_at)
+            out.update(ready=ready, started=True, state={"running": {"startedAt": _ts(st.started_at)}})
         else:  # CONTAINER_EXITED
             out["state"] = {"terminated": {
                 "exitCode": st.exit_code, "reason": st.reason or ("Completed" if st.exit_code == 0 else "Error"),
@@ -494,6 +518,19 @@ class KubeletAgent:
             rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=CRI_TIMEOUT)
         return None, ""
 
+    def _kill_unhealthy(self, pod: dict[str, Any], sid: str) -> None:
+        """The kubelet's answer to a failed liveness probe: stop the container (the pod's grace period)."""
+        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", DEFAULT_GRACE)
+        for c in self.cri.runtime.ListContainers(api_pb2.ListContainersRequest(
+                filter=api_pb2.ContainerFilter(pod_sandbox_id=sid)), timeout=30).containers:
+            why = self.prober.failed_liveness(c.id)
+            if why is None or c.state != api_pb2.CONTAINER_RUNNING:
+                continue
+            self._event(pod, "Unhealthy", f"Liveness probe failed: {why}")
+            self._did(f"StopContainer {c.metadata.name} timeout={grace} (failed liveness probe)")
+            self.cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=c.id, timeout=grace),
+                                           timeout=grace + 60)
+
     def _ensure_image(self, c: dict[str, Any]) -> str:
         spec = api_pb2.ImageSpec(image=c["image"])
         policy = c.get("imagePullPolicy") or "IfNotPresent"
@@ -537,6 +574,158 @@ def _describe(e: Exception) -> str:
         return f"API {e.status} {e.reason}"
     return repr(e)
 
+
+
+# ================================================================ probes (the kubelet's prober workers)
+
+PROBE_DEFAULTS = {"initialDelaySeconds": 0, "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1,
+                  "failureThreshold": 3}  # core/v1 SetDefaults_Probe (kmock defaults nothing)
+PROBE_RETRIES = 3  # the kubelet's maxProbeRetries: errors (not failures) are retried
+EXEC_MARGIN = 10  # seconds past a probe's timeout for the ExecSync deadline (the kubelet adds its 2 min)
+
+
+class ProbeWorker:
+    """One probe of one container: the kubelet's worker loop, in a thread."""
+
+    def __init__(self, runtime, container_id: str, kind: str, spec: dict[str, Any], started_at_ns: int,
+                 on_error) -> None:
+        self.runtime, self.container_id, self.kind = runtime, container_id, kind
+        self.cmd = [str(a) for a in spec["exec"]["command"]]
+        self.opts = {k: int(spec.get(k, d)) for k, d in PROBE_DEFAULTS.items()}
+        for k, v in self.opts.items():  # the API server's validation (kmock has none)
+            if v < (0 if k == "initialDelaySeconds" else 1):
+                raise ValueError(f"{k}: {v} is out of range")
+        self.started_at = started_at_ns / 1e9 if started_at_ns else time.time()
+        self.on_error = on_error
+        # Readiness starts failed (not ready until it succeeds), liveness succeeded (as the kubelet's).
+        self.result = kind == "livenessProbe"
+        self.message = ""
+        self.last: bool | None = None
+        self.run = 0
+        self.probes = 0  # probes that gave a result (for tests and logs)
+        self.on_hold = False  # a failed liveness probe: no more probing of this container
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True,
+                                       name=f"probe-{kind}-{container_id[:12]}")
+
+    def start(self) -> "ProbeWorker":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set() and not self.on_hold:
+            try:
+                self._once()
+            except Exception as e:  # never let a worker die silently: the agent's errors say it
+                self.on_error(f"{self.kind} of {self.container_id}: {e!r}")
+            self._stop.wait(self.opts["periodSeconds"])
+
+    def _once(self) -> None:
+        if time.time() - self.started_at < self.opts["initialDelaySeconds"]:
+            return  # the kubelet keeps the initial result until the delay is over
+        outcome = self.probe()
+        if outcome is None:
+            return  # an error, not a failure: the result stays
+        ok, message = outcome
+        self.probes += 1
+        if ok == self.last:
+            self.run += 1
+        else:
+            self.last, self.run = ok, 1
+        if self.run < self.opts["successThreshold" if ok else "failureThreshold"]:
+            return  # below the threshold: the result does not change yet
+        self.result, self.message = ok, message
+        if self.kind == "livenessProbe" and not ok:
+            self.on_hold = True  # until the container is gone (the kubelet's onHold)
+
+    def probe(self) -> tuple[bool, str] | None:
+        """(success, message) of one run, or None when the runtime errs on every retry."""
+        timeout = self.opts["timeoutSeconds"]
+        for _ in range(PROBE_RETRIES):
+            if self._stop.is_set():
+                return None
+            try:
+                r = self.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=self.container_id, cmd=self.cmd,
+                                                                  timeout=timeout), timeout=timeout + EXEC_MARGIN)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the kubelet: a timed-out probe failed
+                    return False, f"command {self.cmd!r} timed out"
+                last = _describe(e)
+                continue
+            if r.exit_code == 0:
+                return True, ""
+            out = (r.stdout + r.stderr).decode(errors="replace").strip()[-200:]
+            return False, f"command {self.cmd!r} exited {r.exit_code}{': ' + out if out else ''}"
+        log.info("probe %s of %s errored: %s", self.kind, self.container_id, last)
+        return None
+
+
+class Prober:
+    """The agent's probe manager: workers per (container ID, probe kind), started for running containers
+    (watch), ended for the others (retain, stop_all)."""
+
+    KINDS = ("readinessProbe", "livenessProbe")
+
+    def __init__(self, runtime, on_error) -> None:
+        self.runtime, self.on_error = runtime, on_error
+        self.workers: dict[tuple[str, str], ProbeWorker] = {}
+        self._lock = threading.Lock()
+        self._refused: set[tuple[str, str]] = set()
+
+    def watch(self, container_id: str, container: dict[str, Any], started_at_ns: int) -> bool:
+        """Make sure the probes of this running container run; whether it is ready now."""
+        ready = True
+        for kind in self.KINDS:
+            spec = container.get(kind)
+            if not spec:
+                continue
+            key = (container_id, kind)
+            if not isinstance(spec, dict) or not isinstance((spec.get("exec") or {}).get("command"), list) \
+                    or not spec["exec"]["command"]:
+                if key not in self._refused:
+                    self._refused.add(key)
+                    self.on_error(f"container {container.get('name')}: {kind} {spec!r} is not run "
+                                  "(the test kubelet agent runs exec probes only)")
+                continue
+            with self._lock:
+                w = self.workers.get(key)
+                if w is None:
+                    try:
+                        w = ProbeWorker(self.runtime, container_id, kind, spec, started_at_ns, self.on_error)
+                    except (TypeError, ValueError) as e:  # kmock validates nothing: a hostile probe field
+                        if key not in self._refused:
+                            self._refused.add(key)
+                            self.on_error(f"container {container.get('name')}: {kind}: {e}")
+                        continue
+                    self.workers[key] = w.start()
+            if kind == "readinessProbe":
+                ready = w.result
+        return ready
+
+    def worker(self, container_id: str, kind: str) -> ProbeWorker | None:
+        return self.workers.get((container_id, kind))
+
+    def failed_liveness(self, container_id: str) -> str | None:
+        w = self.workers.get((container_id, "livenessProbe"))
+        return w.message if w is not None and not w.result else None
+
+    def retain(self, container_ids: set[str]) -> None:
+        with self._lock:
+            gone = [k for k in self.workers if k[0] not in container_ids]
+            for k in gone:
+                self.workers.pop(k).stop()
+
+    def stop_all(self, timeout: float = 30) -> None:
+        with self._lock:
+            workers, self.workers = list(self.workers.values()), {}
+        for w in workers:
+            w.stop()
+        for w in workers:  # an ExecSync in flight ends within its timeout + margin
+            if w.thread.is_alive():
+                w.thread.join(min(timeout, w.opts["timeoutSeconds"] + EXEC_MARGIN))
 
 
 # ================================================================ volumes (the kubelet's volume manager)
