@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import libvirt
+import websocket
 from kubernetes.client import Configuration
 from kubernetes.stream import ws_client
 
@@ -178,7 +179,10 @@ class VmletAttach(Side):
                 return False
             if not self.ws.is_open():
                 raise ConsoleGone(self.ws.read_channel(ws_client.ERROR_CHANNEL).decode(errors="replace"))
-            self.ws.update(timeout=left)
+            try:
+                self.ws.update(timeout=left)
+            except websocket.WebSocketConnectionClosedException:
+                raise ConsoleGone("the streaming server closed the connection") from None
             self.received += self.ws.read_channel(ws_client.STDOUT_CHANNEL)
         return True
 
