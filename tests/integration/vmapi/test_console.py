@@ -248,3 +248,49 @@ async def test_console_and_exec_probes_on_a_vm(cluster, node, operator, front, l
     assert not agent.errors, agent.errors
     print(f"\nconsole test: restarted and ready {time.monotonic() - t0:.1f}s after the liveness probe was failed; "
           f"front: {json.dumps(streams.requests[-3:])}")
+
+
+async def test_the_front_answers_junk_and_bounds_its_reads(server, kubeconfig, cluster, tmp_path):
+    """No VM needed: junk request heads, an oversize head, a pod that does not exist, a non-upgrade request,
+    and the API through the front; every connection's thread ends with stop()."""
+    import socket
+    ps = PodStreams(str(server.url), kubeconfig, tmp_path / "no-cri.sock", NODE).start()
+    host, port = ps.url.removeprefix("http://").split(":")
+
+    def exchange(data: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            try:
+                while chunk := s.recv(65536):
+                    out += chunk
+            except ConnectionResetError:  # closed with our bytes unread: the kernel resets
+                pass
+            return out
+    try:
+        assert (await asyncio.to_thread(exchange, b"NONSENSE\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        assert (await asyncio.to_thread(exchange, b"GET / HTTP/1.1\r\nbad header\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        assert await asyncio.to_thread(exchange, b"GET / HTTP/1.1\r\nX: " + b"a" * 70000) == b""  # closed
+        path = f"/api/v1/namespaces/{NS}/pods/nosuch/attach?container=vm&stdin=true"
+        out = await asyncio.to_thread(exchange, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 404 ") and b'pods \\"nosuch\\" not found' in out, out
+        out = await asyncio.to_thread(exchange, f"GET {path.replace('stdin=true', 'stdin=maybe')} HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 400 ") and b"stdin" in out, out
+        await cluster.create_vm("front", "Halted")
+        await cluster.call(cluster.core.create_namespaced_pod, NS, {  # a pod no node runs
+            "metadata": {"name": "front-vm", "namespace": NS},
+            "spec": {"containers": [{"name": "vm", "image": "virtlet.cloud/testvm"}]}}, _preload_content=False)
+        pod_path = f"/api/v1/namespaces/{NS}/pods/front-vm/exec?command=true&stdout=1"
+        out = await asyncio.to_thread(exchange, f"GET {pod_path} HTTP/1.1\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 400 ") and b"pod front-vm does not have a host assigned" in out, out
+        # Everything else reaches kmock unchanged: the VM through the front, with the official client.
+        api = load_api_client(str(ps.write_kubeconfig(kubeconfig, tmp_path / "front.kubeconfig")))
+        vm = await asyncio.to_thread(kubernetes.client.CustomObjectsApi(api).get_namespaced_custom_object,
+                                     "vmlet.dev", "v1alpha1", NS, "virtualmachines", "front")
+        assert vm["metadata"]["name"] == "front"
+        api.close()
+        assert any("refused 404" in r for r in ps.requests) and any("refused 400" in r for r in ps.requests)
+    finally:
+        await asyncio.to_thread(ps.stop)
+    assert not ps._threads, ps._threads
