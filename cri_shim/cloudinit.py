@@ -1,8 +1,9 @@
 """Cloud-init data disks, built in Python (pycdlib): data in, ISO bytes out.
 
 Two formats, as virtlet's `VirtletCloudInitImageType` offers:
-- NoCloud: volume label `cidata`, files `meta-data`, `user-data`, `network-config`.
-- ConfigDrive (OpenStack): volume label `config-2`, files under `openstack/latest/`.
+- NoCloud: volume label `cidata`, files `meta-data`, `user-data`, `network-config`, `vendor-data`.
+- ConfigDrive (OpenStack): volume label `config-2`, files under `openstack/latest/` (vendor-data as
+  `vendor_data.json` = `{"cloud-init": "<#cloud-config text>"}`, the form cloud-init's reader takes).
 
 Pure: no file system access; the caller writes the bytes where libvirt can
 read them. The ISO (cri_shim/storage/iso9660.py) carries Rock Ridge and Joliet
@@ -77,6 +78,22 @@ device links
 network-config
     passed through as given (NoCloud: network-config v1/v2; ConfigDrive:
     network_data.json), None: no file.
+vendor-data
+    The pod's resolver options (`DNSConfig.options`: ndots, timeout, ...),
+    which neither DHCP nor network-config can carry, as cloud-init's
+    `resolv_conf` module takes them: `manage_resolv_conf: true` and
+    `resolv_conf: {nameservers, searchdomains, options}` (options as its
+    mapping: `name: true` for a flag, `name: N` for `name:N`), the servers
+    and searches repeated so the file the module writes is whole. Vendor-data
+    rather than user-data: cloud-init applies it whatever the user data is (a
+    script included), user cloud-config still overrides it, and users can
+    turn it off (`vendor_data: {enabled: false}`). Only written when there
+    are options (DHCP carries the rest). virtlet never carried options (its
+    network-config had nameservers and searches only). cloud-init runs the
+    module only on distributions that let it manage resolv.conf (RHEL,
+    Fedora, SUSE, Alpine, ...; not Debian or Ubuntu, whose resolvconf or
+    systemd-resolved own the file); the test image applies it itself
+    (deploy/images/testvm/rootfs/etc/vmlet/resolv_conf.awk).
 """
 
 from __future__ import annotations
@@ -93,6 +110,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from cri_shim.annotations import MOUNT_SCRIPT_PLACEHOLDER, VMAnnotations, check_json_like, parse_ssh_keys
+from cri_shim.network.model import MAX_RESOLVER_OPTIONS, DNSSettings, resolver_option_problem
 from cri_shim.storage.iso9660 import IsoBuilder
 
 ImageType = Literal["nocloud", "configdrive"]
@@ -127,6 +145,7 @@ def build_nocloud_iso(
     meta_data: Mapping[str, object],
     user_data: str | None = None,
     network_config: Mapping[str, object] | None = None,
+    vendor_data: str | None = None,
 ) -> bytes:
     iso = IsoBuilder("cidata")
     iso.add_file("meta-data", _yaml(meta_data))
@@ -134,6 +153,8 @@ def build_nocloud_iso(
     iso.add_file("user-data", (user_data or "").encode())
     if network_config is not None:
         iso.add_file("network-config", _yaml(network_config))
+    if vendor_data is not None:
+        iso.add_file("vendor-data", vendor_data.encode())
     return iso.to_bytes()
 
 
@@ -141,6 +162,7 @@ def build_configdrive_iso(
     meta_data: Mapping[str, object],
     user_data: str | None = None,
     network_data: Mapping[str, object] | None = None,
+    vendor_data: str | None = None,
 ) -> bytes:
     iso = IsoBuilder("config-2")
     iso.add_file("openstack/latest/meta_data.json", json.dumps(dict(meta_data), sort_keys=True).encode())
@@ -148,6 +170,9 @@ def build_configdrive_iso(
         iso.add_file("openstack/latest/user_data", user_data.encode())
     if network_data is not None:
         iso.add_file("openstack/latest/network_data.json", json.dumps(dict(network_data), sort_keys=True).encode())
+    if vendor_data is not None:
+        iso.add_file("openstack/latest/vendor_data.json",
+                     json.dumps({"cloud-init": vendor_data}, sort_keys=True).encode())
     return iso.to_bytes()
 
 
@@ -259,6 +284,7 @@ class CloudInitData:
     meta_data: dict[str, Any]
     user_data: str
     network_config: dict[str, Any] | None = None
+    vendor_data: str | None = None
 
 
 def merge_user_data(base: Any, override: Any) -> Any:
@@ -313,6 +339,37 @@ def mount_script(mounts: Sequence[Mount], device_links: Sequence[DeviceLink] = (
     return "\n".join(lines) + "\n"
 
 
+def resolv_conf_options(options: Sequence[str]) -> dict[str, Any]:
+    """cloud-init's `resolv_conf.options` mapping for resolv.conf options: `rotate` -> {"rotate": True},
+    `ndots:5` -> {"ndots": 5}; a later one of the same name wins, as in the resolver.
+    CloudInitError for an option resolv.conf cannot hold."""
+    if isinstance(options, str) or len(options) > MAX_RESOLVER_OPTIONS:
+        raise CloudInitError(f"resolver options must be a list of at most {MAX_RESOLVER_OPTIONS}")
+    out: dict[str, Any] = {}
+    for i, option in enumerate(options):
+        problem = resolver_option_problem(option)
+        if problem:
+            raise CloudInitError(f"resolver option [{i}] {option!r} {problem}")
+        name, _, value = option.partition(":")
+        out[name] = int(value) if value else True
+    return out
+
+
+def resolver_vendor_data(dns: DNSSettings | None) -> str | None:
+    """`#cloud-config` vendor-data for cloud-init's resolv_conf module; None without options."""
+    if dns is None or not dns.options:
+        return None
+    options = resolv_conf_options(dns.options)
+    checked = dns.validated()
+    resolv: dict[str, Any] = {"options": options}
+    if checked.servers:
+        resolv["nameservers"] = list(checked.servers)
+    if checked.searches:
+        # `searchdomains`, not `domain`: resolv.conf's `domain` and `search` override each other.
+        resolv["searchdomains"] = list(checked.searches)
+    return "#cloud-config\n" + _dump({"manage_resolv_conf": True, "resolv_conf": resolv})
+
+
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -350,6 +407,7 @@ def compose(
     mounts: Sequence[Mount] = (),
     device_links: Sequence[DeviceLink] = (),
     network_config: Mapping[str, Any] | None = None,
+    dns: DNSSettings | None = None,
     image_type: ImageType | None = None,
     source_ssh_keys: Sequence[str] = (),
     source_user_data: Mapping[str, Any] | None = None,
@@ -361,8 +419,10 @@ def compose(
     arguments are what the caller resolved from `VirtletSSHKeySource`
     (the lines of the key's value; checked like `VirtletSSHKeys`),
     `VirtletCloudInitUserDataSource` (a JSON-like mapping; checked) and
-    `VirtletCloudInitUserDataSourceKey` (the decoded script). Raises
-    CloudInitError for data that can't be written (bad env name, ...).
+    `VirtletCloudInitUserDataSourceKey` (the decoded script). `dns` None:
+    the resolver settings the network config carries (`.dns` of
+    PodNetwork.network_config()), if any. Raises CloudInitError for data
+    that can't be written (bad env name, bad resolver option, ...).
     """
     _check_fact("pod UID", pod_uid)
     _check_fact("pod name", pod_name)
@@ -404,12 +464,17 @@ def compose(
             meta["public_keys"] = list(meta["public-keys"])
 
     net = copy.deepcopy(dict(network_config)) if network_config is not None else None
+    if dns is None:
+        dns = getattr(network_config, "dns", None)
+    if dns is not None and not isinstance(dns, DNSSettings):
+        raise CloudInitError("resolver settings must be DNSSettings")
+    vendor = resolver_vendor_data(dns)
     script = mount_script(mounts, device_links)
 
     # user-data: a script replaces everything
     user_script = source_user_data_script if source_user_data_script is not None else vm.cloud_init_user_data_script
     if user_script is not None:
-        return CloudInitData(image_type, meta, user_script.replace(MOUNT_SCRIPT_PLACEHOLDER, script), net)
+        return CloudInitData(image_type, meta, user_script.replace(MOUNT_SCRIPT_PLACEHOLDER, script), net, vendor)
 
     generated: dict[str, Any] = {}
     if keys:
@@ -441,13 +506,13 @@ def compose(
         final = merge_user_data(generated, user)
 
     user_data = "#cloud-config\n" + (_dump(final) if final else "")
-    return CloudInitData(image_type, meta, user_data, net)
+    return CloudInitData(image_type, meta, user_data, net, vendor)
 
 
 def build_iso_for(data: CloudInitData) -> bytes:
     """The cloud-init disk for `data`, in its image type's format."""
     if data.image_type == "nocloud":
-        return build_nocloud_iso(data.meta_data, data.user_data, data.network_config)
+        return build_nocloud_iso(data.meta_data, data.user_data, data.network_config, data.vendor_data)
     if data.image_type == "configdrive":
-        return build_configdrive_iso(data.meta_data, data.user_data, data.network_config)
+        return build_configdrive_iso(data.meta_data, data.user_data, data.network_config, data.vendor_data)
     raise ValueError(f"unknown cloud-init image type {data.image_type!r} (want nocloud or configdrive)")

@@ -24,6 +24,7 @@ import re
 
 from . import errors
 from .errors import show
+from .network.model import MAX_RESOLVER_OPTIONS, resolver_option_problem
 
 MAX_NAME = 253
 MAX_PATH = 4096
@@ -73,6 +74,14 @@ def dns_config(servers, searches, options, field: str = "config.dns_config") -> 
     for kind, values in (("servers", servers), ("searches", searches), ("options", options)):
         for i, value in enumerate(values):
             text(value, f"{field}.{kind}[{i}]", MAX_DNS_ENTRY)
+    # Options reach the guest's resolv.conf verbatim (cloud-init vendor-data): only resolv.conf's syntax.
+    if len(options) > MAX_RESOLVER_OPTIONS:
+        raise errors.invalid_argument(f"{field}.options has {len(options)} entries; at most "
+                                      f"{MAX_RESOLVER_OPTIONS} are allowed")
+    for i, value in enumerate(options):
+        problem = resolver_option_problem(value)
+        if problem:
+            raise errors.invalid_argument(f"{field}.options[{i}] {show(value)} {problem}")
 
 
 def memory_limit(value: int, field: str, max_bytes: int) -> int:

@@ -47,8 +47,8 @@ STDOUT_CAP = 1 << 20
 STDERR_CAP = 64 << 10
 CACHE_KIND = "cniCacheV1"
 
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")  # libcni's network name rule
-_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a file name: no path separators
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")  # libcni's network name rule
+_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")  # a file name: no path separators
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

@@ -12,8 +12,8 @@ that very pidfile (pid reuse).
 What the VM gets (bridge binding): exactly the pod IP with the pod's prefix,
 from a one-address `static` range on a subnet br0 does not carry
 (`--shared-network`, dnsmasq >= 2.81), an infinite lease (the pod IP never
-changes while the pod lives; renewals would be unicast to dnsmasq's link-local
-address, which the VM can only reach through the pod's gateway), the router of
+changes while the pod lives; a renewal asked for anyway is unicast to dnsmasq's
+link-local address and reaches it through bridge_local's rule), the router of
 the pod's default route, classless static routes (121, with the default route
 repeated, RFC 3442) for the pod's other routes, the MTU of eth0, DNS servers,
 domain (15: the first search domain) and search list (119), and the hostname.

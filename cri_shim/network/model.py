@@ -13,7 +13,29 @@ Binding = Literal["bridge", "masquerade"]
 BINDINGS: tuple[str, ...] = ("bridge", "masquerade")
 BINDING_ANNOTATION = "vmlet.dev/network-binding"
 
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# \Z, not $: $ also matches before a final newline.
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+# resolv.conf(5) `options`: whitespace-separated `name` or `name:n` items (glibc and musl take a number
+# for every option that has a value: ndots, timeout, attempts). Anything else (spaces, `#`, quotes,
+# control characters) could end the line or start another directive in the guest's resolv.conf.
+_RESOLVER_OPTION = re.compile(r"^[a-z][a-z0-9_-]*(:[0-9]+)?\Z", re.ASCII)
+MAX_RESOLVER_OPTION = 64    # characters per option (glibc's longest name is 21)
+MAX_RESOLVER_OPTIONS = 32   # options per pod
+
+
+def resolver_option_problem(option: str) -> str | None:
+    """Why `option` cannot go into a resolv.conf `options` line, None when it can."""
+    if not isinstance(option, str) or not option:
+        return "must not be empty"
+    if len(option) > MAX_RESOLVER_OPTION:
+        return f"is {len(option)} characters long; at most {MAX_RESOLVER_OPTION} are allowed"
+    if not _RESOLVER_OPTION.match(option):
+        return ("is not a resolv.conf option: want NAME or NAME:NUMBER (NAME lower-case letters, digits, "
+                "- and _, starting with a letter), e.g. ndots:5, timeout:2, rotate, edns0")
+    if len(option.partition(":")[2]) > 9:
+        return "has a value of more than 9 digits"
+    return None
 
 
 def valid_domain(name: str) -> bool:
@@ -52,7 +74,8 @@ class DNSSettings:
                            self.options or fallback.options)
 
     def validated(self) -> "DNSSettings":
-        """Only what DHCP can carry safely: IPv4 servers, valid domains (others dropped)."""
+        """Only what the guest can be given safely: IPv4 servers, valid domains, resolv.conf options (the
+        first MAX_RESOLVER_OPTIONS); others dropped. RunPodSandbox refuses them before this."""
         servers = []
         for s in self.servers:
             try:
@@ -60,8 +83,8 @@ class DNSSettings:
                     servers.append(s)
             except ValueError:
                 pass
-        return DNSSettings(tuple(servers), tuple(d.rstrip(".") for d in self.searches if valid_domain(d)),
-                           self.options)
+        options = tuple(o for o in self.options if resolver_option_problem(o) is None)[:MAX_RESOLVER_OPTIONS]
+        return DNSSettings(tuple(servers), tuple(d.rstrip(".") for d in self.searches if valid_domain(d)), options)
 
 
 @dataclass(frozen=True)
@@ -127,10 +150,11 @@ class PodNetwork:
     def from_json(cls, text: str) -> "PodNetwork":
         return cls.from_dict(json.loads(text))
 
-    def network_config(self) -> dict[str, Any]:
+    def network_config(self) -> "NetworkConfig":
         """A cloud-init network-config v2 document for the VM's NIC (static, same data the DHCP server gives).
 
-        Optional: DHCP already configures the VM; this also carries the resolver options DHCP cannot.
+        Optional: DHCP already configures the VM. The document's `.dns` also carries the resolver
+        options, which neither DHCP nor network-config can: cloudinit.compose puts them in vendor-data.
         """
         eth: dict[str, Any] = {"match": {"macaddress": self.vm_mac}, "set-name": "eth0",
                                "addresses": [f"{self.vm_ip}/{self.vm_prefixlen}"], "mtu": self.mtu}
@@ -148,4 +172,12 @@ class PodNetwork:
             ns["search"] = list(self.dns.searches)
         if ns:
             eth["nameservers"] = ns
-        return {"version": 2, "ethernets": {"eth0": eth}}
+        return NetworkConfig({"version": 2, "ethernets": {"eth0": eth}}, dns=self.dns)
+
+
+class NetworkConfig(dict):
+    """A network-config document (a plain dict for YAML) with the pod's resolver settings beside it."""
+
+    def __init__(self, doc: Mapping[str, Any], dns: DNSSettings = DNSSettings()) -> None:
+        super().__init__(doc)
+        self.dns = dns

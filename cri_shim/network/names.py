@@ -21,8 +21,8 @@ POD_IFNAME = "eth0"          # CNI_IFNAME
 POD_BRIDGE = "br0"           # joins eth0 (bridge binding) or is the NAT segment (masquerade)
 POD_VM_VETH = "vm0"          # the pod-side end of the veth pair that reaches the host bridge
 
-_SANDBOX_ID = re.compile(r"^[0-9a-f]{16,64}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_SANDBOX_ID = re.compile(r"^[0-9a-f]{16,64}\Z")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
 
 def check_sandbox_id(sandbox_id: str) -> str:

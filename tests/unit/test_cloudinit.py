@@ -67,10 +67,10 @@ def test_unknown_type_is_rejected():
 
 # --- compose: cloud-init data for one VM pod -----------------------------------------------
 
-import subprocess  # noqa: E402
 
 from cri_shim.annotations import VMAnnotations  # noqa: E402
 from cri_shim.cloudinit import CloudInitError, Mount, compose  # noqa: E402
+from cri_shim.network.model import DNSSettings, PodNetwork  # noqa: E402
 
 KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOaXnZ1m5hUoZ6xw0kQ6Xo1v alice@laptop"
 KEY2 = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAy"
@@ -454,3 +454,110 @@ def test_iso_for_unicode_user_data():
     data = make(vm(VirtletCloudInitUserData="final_message: héllo ✓"), env={"U": "ü"})
     _, files = read_iso(cloudinit.build_iso_for(data))
     assert yaml.safe_load(files["user-data"].decode("utf-8"))["final_message"] == "héllo ✓"
+
+
+# --- resolver options: cloud-init's resolv_conf module, in vendor-data ---------------------------
+
+def vendor_doc(data: cloudinit.CloudInitData) -> dict:
+    assert data.vendor_data is not None and data.vendor_data.startswith("#cloud-config\n")
+    return yaml.safe_load(data.vendor_data)
+
+
+def test_resolv_conf_options_are_cloud_inits_mapping():
+    assert cloudinit.resolv_conf_options(["ndots:5", "rotate", "timeout:2", "ndots:2"]) == {
+        "ndots": 2, "rotate": True, "timeout": 2}  # a later option of the same name wins, as in the resolver
+    assert cloudinit.resolv_conf_options([]) == {}
+
+
+def test_resolver_options_go_to_vendor_data_with_servers_and_searches():
+    dns = DNSSettings.of(["10.96.0.10", "not-an-ip"], ["ns1.svc.cluster.local", "svc.cluster.local"],
+                         ["ndots:5", "edns0"])
+    data = make(dns=dns)
+    assert vendor_doc(data) == {"manage_resolv_conf": True, "resolv_conf": {
+        "nameservers": ["10.96.0.10"], "searchdomains": ["ns1.svc.cluster.local", "svc.cluster.local"],
+        "options": {"ndots": 5, "edns0": True}}}
+    assert data.user_data == "#cloud-config\n"  # the user data is untouched
+    # With a user-data script too (cloud-init applies vendor-data whatever the user data is).
+    scripted = make(vm(VirtletCloudInitUserDataScript="#!/bin/sh\necho hi\n"), dns=dns)
+    assert scripted.user_data == "#!/bin/sh\necho hi\n" and scripted.vendor_data == data.vendor_data
+
+
+def test_no_options_no_vendor_data():
+    assert make().vendor_data is None
+    assert make(dns=DNSSettings.of(["10.96.0.10"], ["a.example"])).vendor_data is None  # DHCP carries those
+    _, files = read_iso(cloudinit.build_iso_for(make()))
+    assert "vendor-data" not in files
+
+
+def test_the_pod_networks_config_carries_its_resolver_settings():
+    pn = PodNetwork(sandbox_id="ab" * 32, binding="bridge", netns_name="n", netns_path="/run/netns/n",
+                    host_bridge="vbabab", host_veth="vhabab", vm_mac="52:54:00:00:00:01", pod_ip="10.1.0.5",
+                    prefixlen=24, vm_ip="10.1.0.5", vm_prefixlen=24,
+                    dns=DNSSettings.of(["10.96.0.10"], ["a.example"], ["ndots:5"]))
+    data = make(network_config=pn.network_config())
+    assert vendor_doc(data)["resolv_conf"] == {"nameservers": ["10.96.0.10"], "searchdomains": ["a.example"],
+                                               "options": {"ndots": 5}}
+    assert type(data.network_config) is dict and "options" not in yaml.safe_dump(data.network_config)
+    # An explicit dns wins over the one the network config carries.
+    assert vendor_doc(make(network_config=pn.network_config(), dns=DNSSettings.of(options=["rotate"])))[
+        "resolv_conf"] == {"options": {"rotate": True}}
+
+
+@pytest.mark.parametrize("option", ["", "ndots: 5", "ndots:5\nnameserver 6.6.6.6", "rotate #x", "a;b", "NDOTS:5",
+                                    "ndots:five", "ndots:", ":5", "x" * 65, "ndots:1234567890", "ndots:5 rotate"])
+def test_bad_resolver_options_are_refused(option):
+    with pytest.raises(CloudInitError, match=r"resolver option \[1\]"):
+        make(dns=DNSSettings.of(options=["rotate", option]))
+
+
+def test_too_many_resolver_options_are_refused():
+    with pytest.raises(CloudInitError, match="at most 32"):
+        make(dns=DNSSettings.of(options=["rotate"] * 33))
+
+
+def test_vendor_data_on_both_disk_formats():
+    dns = DNSSettings.of(["10.96.0.10"], [], ["timeout:2"])
+    data = make(dns=dns)
+    label, files = read_iso(cloudinit.build_iso_for(data))
+    assert label == "cidata" and sorted(files) == ["meta-data", "user-data", "vendor-data"]
+    assert files["vendor-data"].decode() == data.vendor_data
+    cd = make(vm(VirtletCloudInitImageType="configdrive"), dns=dns)
+    label, files = read_iso(cloudinit.build_iso_for(cd))
+    assert label == "config-2"
+    # cloud-init's OpenStack reader takes the "cloud-init" member of vendor_data.json as the vendor-data.
+    assert json.loads(files["openstack/latest/vendor_data.json"]) == {"cloud-init": cd.vendor_data}
+    assert yaml.safe_load(cd.vendor_data)["resolv_conf"]["options"] == {"timeout": 2}
+
+
+def _test_image_options(tmp_path: Path, text: str) -> str:
+    """What the test image's resolv_conf.awk makes of a cloud-config (busybox awk, as in the guest)."""
+    require(shutil.which("busybox") is not None, "busybox (busybox-static) is needed")
+    f = tmp_path / "doc.yaml"
+    f.write_text(text)
+    awk = Path(__file__).parents[2] / "deploy/images/testvm/rootfs/etc/vmlet/resolv_conf.awk"
+    return subprocess.run(["busybox", "awk", "-f", str(awk), str(f)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_the_test_images_mini_cloud_init_reads_vmlets_vendor_data(tmp_path):
+    data = make(dns=DNSSettings.of(["10.96.0.10"], ["a.example"], ["ndots:5", "rotate", "timeout:2"]))
+    assert _test_image_options(tmp_path, data.vendor_data) == "options ndots:5 rotate timeout:2\n"
+    # cloud-init's rule: nothing without manage_resolv_conf; false flags dropped; junk items skipped.
+    assert _test_image_options(tmp_path, data.vendor_data.replace("manage_resolv_conf: true",
+                                                                  "manage_resolv_conf: false")) == ""
+    assert _test_image_options(tmp_path, (
+        "#cloud-config\nresolv_conf:\n  options:\n    rotate: false\n    evil: 'x; nameserver 6.6.6.6'\n"
+        "    attempts: 3\n  nameservers: [1.2.3.4]\nmanage_resolv_conf: yes\n")) == "options attempts:3\n"
+
+
+def test_the_test_image_reads_configdrives_vendor_data_json(tmp_path):
+    """boot.sh: `json_get cloud-init vendor_data.json` (newlines flattened first, as there), then resolv_conf.awk."""
+    require(shutil.which("busybox") is not None, "busybox (busybox-static) is needed")
+    cd = make(vm(VirtletCloudInitImageType="configdrive"), dns=DNSSettings.of(["10.96.0.10"], [], ["ndots:3"]))
+    _, files = read_iso(cloudinit.build_iso_for(cd))
+    flat = files["openstack/latest/vendor_data.json"].decode().replace("\n", " ")
+    awk = Path(__file__).parents[2] / "deploy/images/testvm/rootfs/etc/vmlet/json_get.awk"
+    text = subprocess.run(["busybox", "awk", "-v", "k=cloud-init", "-f", str(awk)], input=flat, capture_output=True,
+                          text=True, check=True).stdout
+    assert text == cd.vendor_data + "\n"
+    assert _test_image_options(tmp_path, text) == "options ndots:3\n"

@@ -88,3 +88,15 @@ def test_masquerade_ruleset_dnats_the_pod_ip_except_dhcp_and_replaces_the_table(
     assert 'ip saddr 10.0.2.0/24 oifname "eth0" masquerade' in rules
     with pytest.raises(ValueError):
         masquerade.ruleset(["fd00::5"])
+
+
+def test_a_trailing_newline_is_no_valid_name():
+    # `$` would match before a final newline: these checks guard netns, link, dnsmasq and DHCP arguments.
+    from cri_shim.network import cni
+    from cri_shim.network.model import valid_domain, valid_hostname
+    with pytest.raises(ValueError):
+        names.check_sandbox_id("ab" * 32 + "\n")
+    assert not names.valid_ifname("eth0\n")
+    assert not valid_hostname("vm\n") and not valid_domain("a.example\n")
+    assert DNSSettings.of(searches=["a.example\n"]).validated().searches == ()
+    assert not cni._NAME.match("net\n") and not cni._PLUGIN_TYPE.match("bridge\n")

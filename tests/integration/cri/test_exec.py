@@ -50,6 +50,7 @@ def test_exec_sync_in_the_guest(client, pulled, vmlet_dir, libvirt_conn):
                          annotations={"VirtletCloudInitUserDataScript": "#!/bin/sh\n@virtlet-mount-script@\n"})
     pod.dns_config.servers.append("10.214.255.53")
     pod.dns_config.searches.extend(["vmlet.test", "svc.vmlet.test"])
+    pod.dns_config.options.extend(["ndots:5", "timeout:2", "rotate"])
     sid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
     ccfg = cri.container_config(TESTVM)
     ccfg.mounts.append(api_pb2.Mount(container_path="/data", host_path=str(volume)))
@@ -89,6 +90,16 @@ def test_exec_sync_in_the_guest(client, pulled, vmlet_dir, libvirt_conn):
     resolv = exec_sync(rt, cid, ["cat", "/etc/resolv.conf"]).stdout.decode()
     assert "nameserver 10.214.255.53" in resolv.splitlines()
     assert "search vmlet.test svc.vmlet.test" in resolv.splitlines(), resolv
+    # Options through cloud-init vendor-data (resolv_conf's mapping: the order within the line is its own).
+    options = [sorted(line.split()[1:]) for line in resolv.splitlines() if line.startswith("options ")]
+    assert options == [["ndots:5", "rotate", "timeout:2"]], resolv
+    # A DHCP renewal (unicast to dnsmasq through the pod netns) rewrites resolv.conf: the options stay.
+    exec_sync(rt, cid, ["sh", "-c", 'for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = udhcpc ] && '
+                                    'kill -USR1 "${p#/proc/}"; done; true'])
+    wait_for_log(log, r"VMLET-TESTVM: renew eth0 " + ip.replace(".", r"\.") + "/", 60)
+    resolv = exec_sync(rt, cid, ["cat", "/etc/resolv.conf"]).stdout.decode()
+    assert [sorted(line.split()[1:]) for line in resolv.splitlines() if line.startswith("options ")] == options
+    assert "nameserver 10.214.255.53" in resolv.splitlines(), resolv
     assert exec_sync(rt, cid, ["hostname"]).stdout == b"exec-pod\n"
     assert exec_sync(rt, cid, ["cat", "/data/greeting"]).stdout == b"hello-from-the-host\n"
 

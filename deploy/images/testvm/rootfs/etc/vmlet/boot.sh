@@ -119,7 +119,7 @@ json_get() { # key file
     tr '\r\n' '  ' <"$2" | awk -v k="$1" -f /etc/vmlet/json_get.awk
 }
 
-DS=none DS_DEV= INSTANCE_ID= DS_HOSTNAME= USER_DATA= NETWORK_CONFIG=
+DS=none DS_DEV= INSTANCE_ID= DS_HOSTNAME= USER_DATA= NETWORK_CONFIG= VENDOR_DATA=
 # Disks exist once their modules are loaded (module init waits for async
 # probing), so a few short retries are enough; findfs only on the last one.
 tries=0 FINDFS_FALLBACK=0
@@ -161,6 +161,7 @@ nocloud)
     fi
     USER_DATA=$DS_MNT/user-data
     [ -f "$DS_MNT/network-config" ] && NETWORK_CONFIG=$DS_MNT/network-config
+    [ -f "$DS_MNT/vendor-data" ] && VENDOR_DATA=$DS_MNT/vendor-data
     ;;
 configdrive)
     md=$DS_MNT/openstack/latest/meta_data.json
@@ -170,6 +171,11 @@ configdrive)
     fi
     USER_DATA=$DS_MNT/openstack/latest/user_data
     [ -f "$DS_MNT/openstack/latest/network_data.json" ] && NETWORK_CONFIG=$DS_MNT/openstack/latest/network_data.json
+    # vendor_data.json: {"cloud-init": "<vendor-data text>"}, as cloud-init's OpenStack reader takes it.
+    if [ -f "$DS_MNT/openstack/latest/vendor_data.json" ]; then
+        json_get cloud-init "$DS_MNT/openstack/latest/vendor_data.json" >"$VRUN/vendor-data"
+        VENDOR_DATA=$VRUN/vendor-data
+    fi
     ;;
 esac
 
@@ -181,6 +187,18 @@ fi
 say "instance-id ${INSTANCE_ID:-none}"
 say "hostname $(hostname)"
 [ -n "$NETWORK_CONFIG" ] && say "network-config present"
+
+# --- resolver options: cloud-init's resolv_conf module (manage_resolv_conf) ---
+# From vendor-data, then a cloud-config user-data (user data wins, as in
+# cloud-init). DHCP brings servers and searches; the options line is kept in
+# $VRUN/net/resolv.options, which udhcpc.script adds at every bound/renew.
+for f in "$VENDOR_DATA" "$USER_DATA"; do
+    [ -n "$f" ] && [ -s "$f" ] || continue
+    case "$(head -n1 "$f" | tr -d '\r')" in '#cloud-config'*) ;; *) continue ;; esac
+    o=$(awk -f /etc/vmlet/resolv_conf.awk "$f")
+    [ -n "$o" ] && printf '%s\n' "$o" >"$VRUN/net/resolv.options"
+done
+[ -s "$VRUN/net/resolv.options" ] && say "resolv-$(cat "$VRUN/net/resolv.options")"
 
 # --- 3. network: lo + every ethernet NIC via DHCP, in parallel ---------------
 ip link set lo up
@@ -200,7 +218,8 @@ for n in /sys/class/net/*; do
     ) &
 done
 wait
-[ -e /etc/resolv.conf ] || : >/etc/resolv.conf
+# No lease (no DHCP server): still the resolver options, if any.
+[ -e /etc/resolv.conf ] || cat "$VRUN/net/resolv.options" >/etc/resolv.conf 2>/dev/null || : >/etc/resolv.conf
 
 # --- hooks shipped in the image (e.g. extra agents) --------------------------
 if [ -d /etc/vmlet/boot.d ]; then
