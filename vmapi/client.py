@@ -136,6 +136,13 @@ class Kube:
                 raise Conflict(f"pod {manifest['metadata']['name']} already exists") from None
             raise
 
+    @uses("", "pods/attach", "create")
+    def attach_pod(self, namespace: str, name: str, container: str):
+        """A WebSocket to the pod's attach subresource (stdin, stdout, tty): the VM's serial console."""
+        from kubernetes.stream import stream  # only vmctl console needs the WebSocket client
+        return stream(self.core.connect_get_namespaced_pod_attach, name, namespace, container=container,
+                      stdin=True, stdout=True, stderr=False, tty=True, _preload_content=False, binary=True)
+
     @uses("", "pods", "delete")
     def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> bool:
         """False when already gone. The uid precondition never deletes a newer pod of the same name."""
@@ -224,7 +231,7 @@ class Kube:
 
 
 # Used by vmctl only (it runs with the user's credentials, not the controller's).
-VMCTL_ONLY = ("Kube.list_vms",)
+VMCTL_ONLY = ("Kube.list_vms", "Kube.attach_pod")
 
 
 def controller_permissions() -> dict[tuple[str, str, str], str]:

@@ -243,7 +243,6 @@ def open_console(kube: Kube, vm: dict[str, Any]):
     """The attach session of the VM's pod (a kubernetes.stream WSClient); Refused with the server's reason."""
     import websocket
     from kubernetes.client.rest import ApiException as _ApiException
-    from kubernetes.stream import stream
     pod = _pod(kube, vm)
     if pod is None:
         raise Refused("VM is not running (it has no pod)")
@@ -252,9 +251,7 @@ def open_console(kube: Kube, vm: dict[str, Any]):
     previous = websocket.getdefaulttimeout()
     websocket.setdefaulttimeout(kube.timeout)  # connecting and the handshake: never a hang
     try:
-        ws = stream(kube.core.connect_get_namespaced_pod_attach, pod["metadata"]["name"], vm["metadata"]["namespace"],
-                    container=podspec.CONTAINER, stdin=True, stdout=True, stderr=False, tty=True,
-                    _preload_content=False, binary=True)
+        ws = kube.attach_pod(vm["metadata"]["namespace"], pod["metadata"]["name"], podspec.CONTAINER)
     except _ApiException as e:
         raise Refused(f"attach refused: {attach_error(e)}") from None
     finally:
