@@ -419,9 +419,9 @@ def compose(
     arguments are what the caller resolved from `VirtletSSHKeySource`
     (the lines of the key's value; checked like `VirtletSSHKeys`),
     `VirtletCloudInitUserDataSource` (a JSON-like mapping; checked) and
-    `VirtletCloudInitUserDataSourceKey` (the decoded script). `dns` None:
-    the resolver settings the network config carries (`.dns` of
-    PodNetwork.network_config()), if any. Raises CloudInitError for data
+    `VirtletCloudInitUserDataSourceKey` (the decoded script). `dns`: the
+    pod's resolver settings (PodNetwork.dns); only its options are written
+    (vendor-data), as DHCP carries the rest. Raises CloudInitError for data
     that can't be written (bad env name, bad resolver option, ...).
     """
     _check_fact("pod UID", pod_uid)
@@ -464,8 +464,6 @@ def compose(
             meta["public_keys"] = list(meta["public-keys"])
 
     net = copy.deepcopy(dict(network_config)) if network_config is not None else None
-    if dns is None:
-        dns = getattr(network_config, "dns", None)
     if dns is not None and not isinstance(dns, DNSSettings):
         raise CloudInitError("resolver settings must be DNSSettings")
     vendor = resolver_vendor_data(dns)

@@ -222,7 +222,7 @@ def _build(rt: Runtime, sandbox_id: str, sandbox_cfg: api_pb2.PodSandboxConfig, 
                 env={kv.key: kv.value for kv in cfg.envs}, mounts=[sh.guest for sh in shares],
                 device_links=[cloudinit.DeviceLink(d.container_path, d.serial)
                               for d in attached_disks if d.kind == "device" and d.container_path],
-                network_config=network.network_config())
+                network_config=network.network_config(), dns=network.dns)
         except cloudinit.CloudInitError as e:
             raise errors.invalid_argument(f"cloud-init data: {e}") from None
         with _step("cannot write the VM's cloud-init disk"):

@@ -150,11 +150,11 @@ class PodNetwork:
     def from_json(cls, text: str) -> "PodNetwork":
         return cls.from_dict(json.loads(text))
 
-    def network_config(self) -> "NetworkConfig":
+    def network_config(self) -> dict[str, Any]:
         """A cloud-init network-config v2 document for the VM's NIC (static, same data the DHCP server gives).
 
-        Optional: DHCP already configures the VM. The document's `.dns` also carries the resolver
-        options, which neither DHCP nor network-config can: cloudinit.compose puts them in vendor-data.
+        Optional: DHCP already configures the VM. Resolver options go neither here nor in DHCP:
+        cloudinit.compose(dns=...) puts them in vendor-data.
         """
         eth: dict[str, Any] = {"match": {"macaddress": self.vm_mac}, "set-name": "eth0",
                                "addresses": [f"{self.vm_ip}/{self.vm_prefixlen}"], "mtu": self.mtu}
@@ -172,12 +172,5 @@ class PodNetwork:
             ns["search"] = list(self.dns.searches)
         if ns:
             eth["nameservers"] = ns
-        return NetworkConfig({"version": 2, "ethernets": {"eth0": eth}}, dns=self.dns)
+        return {"version": 2, "ethernets": {"eth0": eth}}
 
-
-class NetworkConfig(dict):
-    """A network-config document (a plain dict for YAML) with the pod's resolver settings beside it."""
-
-    def __init__(self, doc: Mapping[str, Any], dns: DNSSettings = DNSSettings()) -> None:
-        super().__init__(doc)
-        self.dns = dns

@@ -489,18 +489,17 @@ def test_no_options_no_vendor_data():
     assert "vendor-data" not in files
 
 
-def test_the_pod_networks_config_carries_its_resolver_settings():
+def test_the_pods_resolver_settings_go_to_vendor_data_not_network_config():
     pn = PodNetwork(sandbox_id="ab" * 32, binding="bridge", netns_name="n", netns_path="/run/netns/n",
                     host_bridge="vbabab", host_veth="vhabab", vm_mac="52:54:00:00:00:01", pod_ip="10.1.0.5",
                     prefixlen=24, vm_ip="10.1.0.5", vm_prefixlen=24,
                     dns=DNSSettings.of(["10.96.0.10"], ["a.example"], ["ndots:5"]))
-    data = make(network_config=pn.network_config())
+    data = make(network_config=pn.network_config(), dns=pn.dns)  # as container_create passes them
     assert vendor_doc(data)["resolv_conf"] == {"nameservers": ["10.96.0.10"], "searchdomains": ["a.example"],
                                                "options": {"ndots": 5}}
     assert type(data.network_config) is dict and "options" not in yaml.safe_dump(data.network_config)
-    # An explicit dns wins over the one the network config carries.
-    assert vendor_doc(make(network_config=pn.network_config(), dns=DNSSettings.of(options=["rotate"])))[
-        "resolv_conf"] == {"options": {"rotate": True}}
+    # The network config alone carries no options: nothing for vendor-data.
+    assert make(network_config=pn.network_config()).vendor_data is None
 
 
 @pytest.mark.parametrize("option", ["", "ndots: 5", "ndots:5\nnameserver 6.6.6.6", "rotate #x", "a;b", "NDOTS:5",
