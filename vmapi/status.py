@@ -10,6 +10,11 @@ it needs does not exist and no volumeClaimTemplate makes it; WaitingForVolumeBin
 while the pod is Pending on a claim that is not bound yet (the pod must exist for a
 WaitForFirstConsumer claim to bind). `volumeStatus` comes from storage.report.
 
+Guest facts (`guestOSInfo`, `interfaces`, the `AgentConnected` condition) are the node
+reporter's (vmapi/guest_info.py): every status written here keeps them as they are while
+the VM has a live pod, and drops them once it has none (gone or finished) — the one
+change a reporter can miss (its node gone with it). The controller never sets them.
+
 RestartRequired: the pod carries the hash of the template it was made from
 (`vmlet.dev/template-hash`); when the VM's template hashes differently, the
 running VM is not what the spec says until it is restarted (KubeVirt compares
@@ -25,6 +30,9 @@ from vmapi import podspec, storage
 from vmapi.strategy import FINAL, Decision, StartFailure
 
 WAITING_ERRORS = ("ErrImagePull", "ImagePullBackOff")
+# Written by the node's guest-info reporter, not here (see the module docstring).
+GUEST_FIELDS = ("guestOSInfo", "interfaces")
+GUEST_CONDITIONS = ("AgentConnected",)
 
 
 def iso(ts: float, micro: bool = False) -> str:
@@ -106,6 +114,8 @@ def sanitize(status: Any) -> dict[str, Any]:
                 continue
             v = [c for c in v if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
         if k == "startFailure" and not isinstance(v, Mapping):
+            continue
+        if (k == "guestOSInfo" and not isinstance(v, Mapping)) or (k == "interfaces" and not isinstance(v, list)):
             continue
         out[k] = v
     return out
@@ -194,6 +204,13 @@ def derive(vm: Mapping[str, Any], pod: Mapping[str, Any] | None, decision: Decis
         reason = ("InvalidSpec" if spec_error else "ActionFailed" if action_error
                   else "InvalidRequests" if requests_error else "PodConflict")
         conds.append(_condition(prev_conds, nows, "Failure", "True", reason, failure[:1024]))
+    # The reporter's, kept while a pod lives (last, in their order), dropped with it. Only keys the
+    # previous status had: a VM without guest facts gets the same status as before they existed.
+    if live:
+        conds.extend(c for c in prev.get("conditions") or [] if c.get("type") in GUEST_CONDITIONS)
+    for k in GUEST_FIELDS:
+        if k in prev or k in (vm.get("status") if isinstance(vm.get("status"), Mapping) else {}):
+            out[k] = prev.get(k) if live else None
     out["conditions"] = conds
     out["volumeStatus"] = volumes.statuses if volumes is not None and volumes.statuses else None
     return out

@@ -357,7 +357,8 @@ class VirtualMachineSpec(_Model):
 
 
 class Condition(_Model):
-    type: Literal["Ready", "Paused", "RestartRequired", "Failure"]
+    # AgentConnected: the node's guest-info reporter's (vmapi/guest_info.py); the others the controller's.
+    type: Literal["Ready", "Paused", "RestartRequired", "Failure", "AgentConnected"]
     status: Literal["True", "False", "Unknown"]
     reason: str | None = None
     message: str | None = None
@@ -390,6 +391,37 @@ class VolumeStatus(_Model):
     persistentVolumeClaimInfo: PersistentVolumeClaimInfo | None = None
 
 
+# The guest agent's facts (KubeVirt's VMI names), written by the reporter of the node the VM's pod runs on
+# (vmapi/guest_info.py, which caps guest-supplied text at these bounds).
+_GuestText = Annotated[str, Field(max_length=256)]
+
+
+class GuestOSInfo(_Model):
+    """KubeVirt's VirtualMachineInstanceGuestOSInfo: the guest agent's guest-get-osinfo."""
+
+    name: _GuestText | None = None
+    id: _GuestText | None = None
+    version: _GuestText | None = None
+    versionId: _GuestText | None = None
+    prettyName: _GuestText | None = None
+    kernelRelease: _GuestText | None = None
+    kernelVersion: _GuestText | None = None
+    machine: _GuestText | None = None
+
+
+class NetworkInterface(_Model):
+    """KubeVirt's VirtualMachineInstanceNetworkInterface, from guest-network-get-interfaces."""
+
+    name: _GuestText | None = Field(None, description="The network: default (the pod network) on the guest "
+                                                      "interface that carries the pod IP.")
+    interfaceName: _GuestText | None = Field(None, description="The interface's name in the guest.")
+    ipAddress: _GuestText | None = Field(None, description="The first of ipAddresses.")
+    ipAddresses: list[_GuestText] | None = Field(None, max_length=16, description="Without prefix lengths; "
+                                                                                  "link-local ones last.")
+    mac: _GuestText | None = None
+    infoSource: _GuestText | None = Field(None, description="guest-agent.")
+
+
 class VirtualMachineStatus(_Model):
     printableStatus: PrintableStatus | None = None
     ready: bool | None = None
@@ -406,6 +438,10 @@ class VirtualMachineStatus(_Model):
     templateHash: str | None = Field(None, description="Template hash of the running pod.")
     startFailure: StartFailure | None = None
     volumeStatus: list[VolumeStatus] | None = Field(None, description="Per volume: the claim and its state.")
+    guestOSInfo: GuestOSInfo | None = Field(
+        None, description="The guest agent's OS facts, while it is connected (the node's reporter).")
+    interfaces: list[NetworkInterface] | None = Field(
+        None, max_length=16, description="The guest's interfaces and addresses from its agent (the node's reporter).")
 
 
 class VirtualMachine(_Model):
