@@ -127,6 +127,28 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _shown(value: Any) -> str:
+    """Guest-supplied text on a terminal: no control characters (escape sequences) get through."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:256]
+
+
+def _guest_lines(st: dict[str, Any]) -> list[str]:
+    """The guest agent's facts (vmapi/guest_info.py) when the status has them."""
+    lines = []
+    os_info = st.get("guestOSInfo")
+    if isinstance(os_info, dict) and os_info:
+        name = os_info.get("prettyName") or " ".join(str(os_info[k]) for k in ("name", "version") if os_info.get(k))
+        extra = ", ".join(f"{label} {os_info[k]}" for label, k in (("id", "id"), ("kernel", "kernelRelease"))
+                          if os_info.get(k))
+        lines.append(f"Guest OS:        {_shown(name or '-')}" + (f" ({_shown(extra)})" if extra else ""))
+    nics = [n for n in st.get("interfaces") or [] if isinstance(n, dict)] if isinstance(st.get("interfaces"), list) else []
+    for i, nic in enumerate(nics):
+        ips = nic.get("ipAddresses") if isinstance(nic.get("ipAddresses"), list) else []
+        where = _shown(nic.get("interfaceName") or "-") + (f" ({_shown(nic['name'])})" if nic.get("name") else "")
+        lines.append(f"{'Guest IPs:' if i == 0 else '':<17}{where} {_shown(', '.join(map(str, ips)) or '-')}")
+    return lines
+
+
 def show(vm: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(vm.get("status") or {}, indent=2, sort_keys=True)
@@ -140,6 +162,7 @@ def show(vm: dict[str, Any], fmt: str) -> str:
              f"Node:            {st.get('nodeName') or '-'}",
              f"IP:              {st.get('podIP') or '-'}",
              f"Restarts:        {st.get('restartCount') or 0}",
+             *_guest_lines(st),
              "Conditions:"]
     for c in st.get("conditions") or []:
         lines.append(f"  {c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".rstrip())

@@ -293,3 +293,19 @@ def test_a_vm_that_stops_loses_them():
     junk = _status_vm({"guestOSInfo": "junk", "interfaces": {"a": 1}})
     new = vmstatus.derive(junk, _pod(), Decision("none", "", ()), now=NOW, current_hash=None)
     assert new["guestOSInfo"] is None and new["interfaces"] is None
+
+
+def test_vmctl_status_shows_the_guest_os_and_ips_when_present():
+    from vmapi import vmctl
+    status = _reported({"podIP": "10.88.0.7"})
+    vm = {"metadata": {"name": "web", "namespace": "ns"}, "spec": {}, "status": status}
+    text = vmctl.show(vm, "text")
+    assert "Guest OS:        vmlet test VM 1 (id vmlet-testvm, kernel 6.1.0-28-cloud-amd64)" in text
+    assert "Guest IPs:       eth0 (default) 10.88.0.7, fe80::5054:ff:feab:cdef" in text
+    assert "AgentConnected=True" in text
+    bare = vmctl.show({**vm, "status": {"podIP": "10.88.0.7"}}, "text")
+    assert "Guest OS" not in bare and "Guest IPs" not in bare
+    # The guest writes these: no terminal control sequence reaches the user's terminal.
+    evil = {**vm, "status": {"guestOSInfo": {"prettyName": "x\x1b]0;pwned\x07"},
+                             "interfaces": [{"interfaceName": "eth\x1b[2J0", "ipAddresses": ["1.2.3.4"]}]}}
+    assert "\x1b" not in vmctl.show(evil, "text")

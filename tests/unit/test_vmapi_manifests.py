@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from cri_shim import annotations as va
-from vmapi import client, podspec, storage, types
+from vmapi import client, guest_info, podspec, storage, types
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "manifests"
 
@@ -71,7 +71,7 @@ def test_the_parts_agree():
     ds = _get("DaemonSet", "vmlet-node")
     assert ds["spec"]["template"]["spec"]["nodeSelector"] == podspec.NODE_SELECTOR
     names = {c["name"] for c in ds["spec"]["template"]["spec"]["containers"]}
-    assert names == {"libvirtd", "vmlet", "criproxy"}
+    assert names == {"libvirtd", "vmlet", "criproxy", "guest-info"}
     crd = _get("CustomResourceDefinition", f"{types.PLURAL}.{types.GROUP}")
     assert crd["spec"]["group"] == types.GROUP
 
@@ -132,3 +132,45 @@ def test_node_containers_see_pod_volumes_and_each_others_shares():
     for c in [*pod.get("initContainers", []), *pod["containers"]]:
         if any(m.get("mountPropagation") == "Bidirectional" for m in c.get("volumeMounts", [])):
             assert c.get("securityContext", {}).get("privileged") is True, c["name"]
+
+
+def test_guest_info_reporter_has_its_own_least_privilege_credentials():
+    """The reporter (vmapi/guest_info.py) in the node DaemonSet: its own ServiceAccount's role grants
+    exactly what vmapi.guest_info.PERMISSIONS declares (get/list/watch pods and VMs, patch VM status), its
+    token reaches that container only, and it reads the CRI socket vmlet serves."""
+    role = set(_granted(_get("ClusterRole", "vmlet-guest-info")))
+    assert role == set(guest_info.PERMISSIONS)
+    assert not _allows(role, "", "secrets", "get") and not _allows(role, "vmlet.dev", "virtualmachines", "patch")
+    for method in ("Kube.get_pod", "Kube.get_vm"):  # the reads it makes through vmapi.client
+        assert all(k in guest_info.PERMISSIONS for k, v in client.USED.items() if v == method), method
+    binding = _get("ClusterRoleBinding", "vmlet-guest-info")
+    assert binding["roleRef"]["name"] == "vmlet-guest-info"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vmlet-guest-info", "namespace": "vmlet-system"}]
+    secret = _get("Secret", "vmlet-guest-info-token")
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    assert secret["metadata"]["annotations"]["kubernetes.io/service-account.name"] == "vmlet-guest-info"
+    assert secret["metadata"]["namespace"] == binding["subjects"][0]["namespace"]
+
+    pod = _get("DaemonSet", "vmlet-node")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    token_volumes = {v["name"] for v in pod["volumes"] if (v.get("secret") or {}).get("secretName") == secret["metadata"]["name"]}
+    assert len(token_volumes) == 1
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        mounts = [m for m in c.get("volumeMounts", []) if m["name"] in token_volumes]
+        if c["name"] == "guest-info":
+            assert [m["mountPath"] for m in mounts] == ["/var/run/secrets/kubernetes.io/serviceaccount"]
+            assert all(m.get("readOnly") for m in mounts)
+        else:
+            assert not mounts, f"{c['name']} must not get the reporter's token"
+    reporter = containers["guest-info"]
+    cmd = reporter["command"]
+    assert cmd[cmd.index("-m") + 1] == "vmapi.guest_info"
+    vmlet_cmd = containers["vmlet"]["command"]
+    assert cmd[cmd.index("--cri-socket") + 1] == vmlet_cmd[vmlet_cmd.index("--socket") + 1]
+    env = {e["name"]: e for e in reporter["env"]}
+    assert cmd[cmd.index("--node") + 1] == "$(NODE_NAME)"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    sock_dir = cmd[cmd.index("--cri-socket") + 1].rsplit("/", 1)[0]
+    assert any(m["mountPath"] == sock_dir for m in reporter["volumeMounts"])
+    sc = reporter["securityContext"]
+    assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
