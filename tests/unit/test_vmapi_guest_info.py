@@ -309,3 +309,36 @@ def test_vmctl_status_shows_the_guest_os_and_ips_when_present():
     evil = {**vm, "status": {"guestOSInfo": {"prettyName": "x\x1b]0;pwned\x07"},
                              "interfaces": [{"interfaceName": "eth\x1b[2J0", "ipAddresses": ["1.2.3.4"]}]}}
     assert "\x1b" not in vmctl.show(evil, "text")
+
+
+def test_the_process_survives_failing_passes_and_refuses_bad_arguments(capsys):
+    import threading
+    import pytest
+
+    stop, calls = threading.Event(), []
+
+    class Flaky:
+        def run_pass(self, full):
+            calls.append(full)
+            if len(calls) < 3:
+                raise OSError("vmlet not up yet")
+            stop.set()
+
+    made = []
+
+    def make():
+        made.append(1)
+        if len(made) == 1:
+            raise OSError("no kubeconfig yet")  # credentials that are not there yet: retried too
+        return Flaky()
+
+    t = threading.Thread(target=gi.serve, args=(make, stop, 0.2), kwargs={"tick": 0.01}, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(made) == 2 and len(calls) == 3
+    for argv in (["--node", "n"], ["--cri-socket", "/x", "--node", "n", "--interval", "0"],
+                 ["--cri-socket", "/x", "--node", " "]):
+        with pytest.raises(SystemExit) as e:
+            gi.main(argv)
+        assert e.value.code == 2
+    assert "--interval" in capsys.readouterr().err
