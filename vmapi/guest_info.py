@@ -265,7 +265,8 @@ class LocalPod:
 
 
 class CRI:
-    """The local runtime's RuntimeService: vmlet's socket, or the CRI proxy's."""
+    """The local runtime's RuntimeService: vmlet's own socket (the DaemonSet's and the test's choice; the
+    CRI proxy routes the same calls to it, but that path is not tested here)."""
 
     def __init__(self, socket: str, timeout: float = CRI_TIMEOUT) -> None:
         import grpc
@@ -483,7 +484,7 @@ def serve(make_reporter, stop: threading.Event, interval: float, tick: float = T
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vmapi.guest_info", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cri-socket", required=True, help="the node runtime's CRI socket (vmlet's, or the proxy's)")
+    p.add_argument("--cri-socket", required=True, help="vmlet's CRI socket")
     p.add_argument("--node", required=True, help="this node's name: only VMs whose pod is bound to it")
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster service account, else ~/.kube/config")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between full passes (default 30)")
