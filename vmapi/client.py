@@ -139,9 +139,18 @@ class Kube:
     @uses("", "pods/attach", "create")
     def attach_pod(self, namespace: str, name: str, container: str):
         """A WebSocket to the pod's attach subresource (stdin, stdout, tty): the VM's serial console."""
-        from kubernetes.stream import stream  # only vmctl console needs the WebSocket client
-        return stream(self.core.connect_get_namespaced_pod_attach, name, namespace, container=container,
-                      stdin=True, stdout=True, stderr=False, tty=True, _preload_content=False, binary=True)
+        # Only vmctl console needs the WebSocket client. capture_all=False: else WSClient.update appends every
+        # console byte to a copy (WSClient._all) nobody reads, for as long as the console stays open. kubernetes
+        # 37's stream() does not pass capture_all on (the generated method refuses the keyword), so its request
+        # function gets it directly and stream()'s own plumbing (URL, auth headers, binary) does the rest.
+        import functools
+
+        from kubernetes.stream import stream, ws_client
+        call = functools.partial(ws_client.websocket_call, capture_all=False)
+        no_copy_stream = functools.partial(stream.func, call, *stream.args[1:])
+        return no_copy_stream(self.core.connect_get_namespaced_pod_attach, name, namespace, container=container,
+                              stdin=True, stdout=True, stderr=False, tty=True, _preload_content=False,
+                              binary=True)
 
     @uses("", "pods", "delete")
     def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> bool:
