@@ -11,9 +11,16 @@ no other thread changes namespace.
 Bytes are copied both ways through one bounded buffer per direction (the
 reads block until the other side has taken the previous chunk), and a
 half-close is passed on: the client's EOF becomes shutdown(SHUT_WR) towards
-the guest, the guest's EOF becomes `close_write()` towards the client; the
-call returns once both directions ended or the stream closed. TCP only, as
-with kubectl: a port the pod declares only as UDP (or SCTP) is refused.
+the guest, the guest's EOF becomes `close_write()` towards the client. The call
+returns once both directions ended, the stream closed, or GRACE after the
+guest's side ended first (as containerd's portForward: client-go closes the
+local connection only once the call returned, so waiting for the client's
+EOF would hang both). The client's EOF first leaves the guest all the time it
+needs to answer. The guest connection is shut down before it is closed, so a
+copy blocked sending to a guest that does not read wakes up; when such a copy
+is cut short, the close resets the connection (the guest would otherwise keep
+it open behind the unsent data). TCP only, as with kubectl: a port the pod
+declares only as UDP (or SCTP) is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 
 from proto.runtime.v1 import api_pb2
@@ -35,6 +43,7 @@ log = logging.getLogger("vmlet.portforward")
 CONNECT_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 POLL_INTERVAL = 0.5  # how often a copy waiting on the guest looks at stream.closed
+GRACE = 1.0  # after the guest's side ended, how long the client's side may go on (containerd: 1 s)
 
 
 def _sandbox(rt, pod_sandbox_id: str):
@@ -79,7 +88,8 @@ def _strerror(e: OSError) -> str:
 
 
 def forward_stream(rt, pod_sandbox_id: str, port: int, stream) -> None:
-    """Forward one connection: returns when both directions are done or the stream closed.
+    """Forward one connection: returns when both directions are done, the stream closed, or GRACE after the
+    guest's side ended while the client's had not.
 
     Raises errors.CRIError when the guest cannot be reached (the message goes to the client). On return, a
     copy thread blocked in the stream's read ends as soon as the server closes the stream."""
@@ -92,14 +102,23 @@ def forward_stream(rt, pod_sandbox_id: str, port: int, stream) -> None:
         raise errors.failed_precondition(
             f"failed to connect to {host}:{port} inside namespace {ns_name} of pod sandbox {sb.id[:12]}: "
             f"{_strerror(e)}") from None
-    try:
-        _copy(sock, stream, f"pf-{sb.id[:8]}-{port}")
-    finally:
-        sock.close()
+    _copy(sock, stream, f"pf-{sb.id[:8]}-{port}")
 
 
 def _copy(sock: socket.socket, stream, name: str) -> None:
+    """Copy both ways; closes sock once neither this call nor the copy thread still uses it."""
     upstream_done = threading.Event()
+    sending = threading.Event()  # the copy thread is inside sendall (it may block on a guest that does not read)
+    users = [2]
+    users_lock = threading.Lock()
+
+    def release() -> None:
+        # The last user closes: closing under a thread still in a call would let a reused fd number take its data.
+        with users_lock:
+            users[0] -= 1
+            last = users[0] == 0
+        if last:
+            sock.close()
 
     def client_to_guest() -> None:
         try:
@@ -107,8 +126,10 @@ def _copy(sock: socket.socket, stream, name: str) -> None:
                 data = stream.read(CHUNK)
                 if not data:
                     break
+                sending.set()
                 sock.sendall(data)
-        except OSError as e:  # the guest reset the connection; the other direction sees it too
+                sending.clear()
+        except OSError as e:  # the guest reset the connection, or the forward ended while we were sending
             log.debug("%s: to the guest: %s", name, e)
         finally:
             upstream_done.set()
@@ -116,17 +137,33 @@ def _copy(sock: socket.socket, stream, name: str) -> None:
                 sock.shutdown(socket.SHUT_WR)  # the client's EOF, passed on
             except OSError:
                 pass
+            release()
 
     up = threading.Thread(target=client_to_guest, name=name, daemon=True)
-    up.start()
+    try:
+        up.start()
+    except BaseException:
+        release()  # the thread's share: it never ran
+        release()
+        raise
     try:
         if _guest_to_client(sock, stream, name):
-            # The guest is done sending; the client may still be (a half-closed request).
-            while not upstream_done.wait(POLL_INTERVAL):
-                if stream.closed.is_set():
-                    break
+            # The guest is done sending; the client may still be (the rest of a request), for GRACE at most.
+            upstream_done.wait(GRACE)
     finally:
+        if not upstream_done.is_set() and sending.is_set():
+            # Cut short while the guest was not taking the client's data: reset rather than leave the guest a
+            # connection whose FIN waits behind data nobody will read (an orphan until the kernel gives up).
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a sendall blocked in the copy thread; close() would not
+        except OSError:
+            pass
         up.join(POLL_INTERVAL)
+        release()
 
 
 def _guest_to_client(sock: socket.socket, stream, name: str) -> bool:

@@ -40,9 +40,10 @@ vmlet_dir = cri_fixtures.vmlet_dir
 cni_conf_dir = cri_fixtures.cni_conf_dir
 daemon = attach_test.daemon
 
-# In the fake VM: 7000 answers once the client's half is closed (half-close both ways), 7001 echoes.
+# In the fake VM: 7000 answers once the client's half is closed (half-close both ways), 7001 echoes, 7002 sends a
+# banner and closes without reading, 7003 holds each connection and never reads.
 SERVER = r"""
-import socket, threading
+import socket, threading, time
 def once(c):
     data = b""
     while True:
@@ -60,6 +61,11 @@ def echo(c):
         c.sendall(d)
     c.shutdown(socket.SHUT_WR)
     c.close()
+def banner(c):
+    c.sendall(b"banner\n")
+    c.close()
+def hold(c):
+    time.sleep(3600)
 def serve(port, fn):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -69,6 +75,8 @@ def serve(port, fn):
         c, _ = s.accept()
         threading.Thread(target=fn, args=(c,), daemon=True).start()
 threading.Thread(target=serve, args=(7000, once), daemon=True).start()
+threading.Thread(target=serve, args=(7002, banner), daemon=True).start()
+threading.Thread(target=serve, args=(7003, hold), daemon=True).start()
 print("listening", flush=True)
 serve(7001, echo)
 """
@@ -181,6 +189,15 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _settled(fds: int, threads: int, timeout: float = 5) -> None:
+    """Our fds and threads are back to what they were (copy threads end once their stream is closed)."""
+    deadline = time.monotonic() + timeout
+    while (open_fds(), threading.active_count()) != (fds, threads) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds() == fds, "file descriptors leaked"
+    assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
+
+
 def test_checks_name_the_field(runtime):
     sid, _ = ready_pod(runtime, "masquerade", [
         api_pb2.PortMapping(protocol=api_pb2.UDP, container_port=53, host_port=53),
@@ -255,12 +272,66 @@ def test_masquerade_forward_both_ways_half_close_refused_port_many_at_once_no_le
     gone.closed.set()
     box["thread"].join(5)
     assert not box["thread"].is_alive()
+    _settled(fds, threads)
 
-    deadline = time.monotonic() + 5
-    while (open_fds(), threading.active_count()) != (fds, threads) and time.monotonic() < deadline:
+
+def test_guest_closing_first_ends_the_forward_after_a_grace(runtime, fake_vms, tmp_path):
+    """client-go closes the local connection only once the error stream ends, i.e. once forward_stream returns:
+    a guest that sends and closes while the client keeps its side open must still end the forward."""
+    sid, pn = ready_pod(runtime, "masquerade")
+    guest(fake_vms, pn, tmp_path)
+    fds, threads = open_fds(), threading.active_count()
+
+    # The client never half-closes: the forward ends GRACE after the guest's EOF, not at the client's leisure.
+    s = Duplex()
+    box = forward(runtime, sid, 7002, s)
+    assert s.received(10) == b"banner\n"
+    eof_at = time.monotonic()
+    box["thread"].join(port_forward.GRACE + 5)
+    assert not box["thread"].is_alive(), "the forward waits for the client's EOF after the guest closed"
+    assert "error" not in box, box["error"]
+    waited = time.monotonic() - eof_at
+    assert port_forward.GRACE * 0.8 <= waited < port_forward.GRACE + 2, waited
+
+    # The client's EOF within the grace ends it at once: a grace, not a fixed delay.
+    s = Duplex()
+    box = forward(runtime, sid, 7002, s)
+    assert s.received(10) == b"banner\n"
+    eof_at = time.monotonic()
+    s.send_eof()
+    box["thread"].join(port_forward.GRACE + 5)
+    assert not box["thread"].is_alive() and "error" not in box
+    assert time.monotonic() - eof_at < port_forward.GRACE * 0.8
+    _settled(fds, threads)
+
+
+def _established(vm, port: int) -> str:
+    return vm.run("ss", "-tnH", "state", "established", f"( sport = :{port} )").stdout.strip()
+
+
+def test_client_gone_while_the_guest_does_not_read_ends_the_copy_and_the_guest_connection(
+        runtime, fake_vms, tmp_path):
+    sid, pn = ready_pod(runtime, "masquerade")
+    vm = guest(fake_vms, pn, tmp_path)
+    fds, threads = open_fds(), threading.active_count()
+
+    s = Duplex()
+    box = forward(runtime, sid, 7003, s)
+    for _ in range(256):  # 16 MiB: more than the guest's receive and our send buffers hold
+        s.send(b"x" * 65536)
+    deadline = time.monotonic() + 10
+    while not _established(vm, 7003) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert open_fds() == fds, "file descriptors leaked"
-    assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
+    time.sleep(1)
+    assert _established(vm, 7003)
+    assert not s._in.empty(), "the copy to the guest should be blocked: the guest does not read"
+
+    s.closed.set()  # the client is gone
+    box["thread"].join(5)
+    assert not box["thread"].is_alive() and "error" not in box
+    _settled(fds, threads)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("pf-")]
+    assert _established(vm, 7003) == "", "the guest's connection outlived the forward"
 
 
 def test_bridge_binding_forward_reaches_the_pod_ip(runtime, fake_vms, tmp_path):
