@@ -305,6 +305,10 @@ def test_guest_closing_first_ends_the_forward_after_a_grace(runtime, fake_vms, t
     _settled(fds, threads)
 
 
+def _copy_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pf-")]
+
+
 def _established(vm, port: int) -> str:
     return vm.run("ss", "-tnH", "state", "established", f"( sport = :{port} )").stdout.strip()
 
@@ -330,7 +334,7 @@ def test_client_gone_while_the_guest_does_not_read_ends_the_copy_and_the_guest_c
     box["thread"].join(5)
     assert not box["thread"].is_alive() and "error" not in box
     _settled(fds, threads)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("pf-")]
+    assert not _copy_threads()
     assert _established(vm, 7003) == "", "the guest's connection outlived the forward"
 
 
@@ -446,3 +450,53 @@ def test_forward_to_servers_in_a_real_guest_masquerade(daemon, vmlet_dir):
         port_forward.forward_stream(rt, sid, 7999, Duplex())
     assert e.value.message.startswith("failed to connect to 10.0.2.2:7999 inside namespace ")
     assert e.value.message.endswith(": connection refused")
+
+
+# A server that speaks first and closes (nc runs echo per connection), and httpd for an HTTP/1.0 request.
+BRIDGE_GUEST_SERVERS = """#!/bin/sh
+mkdir -p /www && echo "served by $(hostname)" > /www/index.html
+busybox httpd -p 8080 -h /www
+busybox nc -ll -p 7002 -e /bin/echo banner </dev/null >/dev/null 2>&1 &
+echo GUEST-SERVERS-UP
+"""
+
+
+@pytest.mark.libvirt
+def test_real_guest_under_the_bridge_binding_closing_first_ends_the_forward(daemon, vmlet_dir):
+    """The pod IP reached from the pod netns on a real guest; the client never half-closes (as client-go, which
+    waits for the forward's end before it closes the local connection): the guest's close ends each forward."""
+    d, client = daemon
+    rt = d.runtime
+    log = vmlet_dir / "pods" / "pfb" / "vm" / "0.log"
+    sid, _ = attach_test._run_vm(client, log.parent.parent, "pfb-guest", annotations={
+        "vmlet.dev/network-binding": "bridge", "VirtletCloudInitUserDataScript": BRIDGE_GUEST_SERVERS})
+    attach_test._wait_log(log, r"stdout F GUEST-SERVERS-UP$", 180)
+    attach_test._wait_log(log, r"stdout F VMLET-TESTVM: ready$", 60)
+    pod_ip = rt.network.get(sid).pod_ip
+    assert rt.network.get(sid).vm_ip == pod_ip
+    assert not _copy_threads()
+
+    def ended_by_the_guest(port: int, request: bytes) -> bytes:
+        s = Duplex()
+        box = forward(rt, sid, port, s)
+        if request:
+            s.send(request)
+        answer = s.received(60)
+        box["thread"].join(port_forward.GRACE + 10)
+        assert not box["thread"].is_alive(), f"port {port}: the forward waits for the client's EOF"
+        assert "error" not in box, box["error"]
+        return answer
+
+    assert ended_by_the_guest(7002, b"") == b"banner\n"
+    answer = ended_by_the_guest(8080, b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n", 1)[0], answer[:200]
+    assert answer.endswith(b"served by pfb-guest\n")
+    # The daemon's own threads come and go: look at the copy threads only.
+    deadline = time.monotonic() + 5
+    while _copy_threads() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _copy_threads()
+
+    with pytest.raises(errors.CRIError) as e:
+        port_forward.forward_stream(rt, sid, 7999, Duplex())
+    assert e.value.message.startswith(f"failed to connect to {pod_ip}:7999 inside namespace ")
