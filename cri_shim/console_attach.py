@@ -9,7 +9,9 @@ same console through its own unix socket, fanned out to the log writer and
 the clients.
 
 One `ConsoleHub` per domain holds the one libvirt console stream: opened when
-the first client attaches, closed after the last one leaves. Its output goes
+the first client attaches, closed after the last one leaves, both under that
+domain's own lock (never a process-wide one: a domain stuck in libvirt holds
+up attaching to that VM only). Its output goes
 to every client through a bounded per-client queue; a client that lets more
 than CLIENT_QUEUE_BYTES pile up (it does not read) is disconnected, so it
 never slows the console, the others or the guest (a pty nobody drains stalls
@@ -62,8 +64,10 @@ CLOSE_TIMEOUT = 5.0
 
 _READ_EVENTS = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 
-# runtime -> {domain name: hub}; a runtime that goes away takes its hubs with it.
-_hubs: "weakref.WeakKeyDictionary[object, dict[str, ConsoleHub]]" = weakref.WeakKeyDictionary()
+# runtime -> {domain name: _Domain}; a runtime that goes away takes its entries with it. _hubs_lock guards only
+# these dicts and the users counts: it is never held across a libvirt call or a wait (one domain stuck in
+# libvirt must not hold up attaching to any other).
+_hubs: "weakref.WeakKeyDictionary[object, dict[str, _Domain]]" = weakref.WeakKeyDictionary()
 _hubs_lock = threading.Lock()
 
 
@@ -297,34 +301,66 @@ def check_attach(rt, container_id: str) -> None:
         raise errors.failed_precondition(f"container {errors.show(container_id)}: its VM is not running")
 
 
-def _join(rt, c) -> tuple[ConsoleHub, _Client]:
+class _Domain:
+    """One domain's attach state. Its lock is held across that domain's libvirt calls (open) and its close
+    wait, so a client attaching while the last one leaves waits for this domain only, and then finds the
+    console released rather than still held by vmlet's own closing stream."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hub: ConsoleHub | None = None  # the open hub (under lock)
+        self.users = 0  # clients joining, attached or leaving (under _hubs_lock); the entry goes at 0
+
+
+def _enter(rt, name: str) -> _Domain:
+    with _hubs_lock:
+        d = _hubs.setdefault(rt, {}).setdefault(name, _Domain())
+        d.users += 1
+        return d
+
+
+def _exit(rt, name: str, d: _Domain) -> None:
+    with _hubs_lock:
+        d.users -= 1
+        domains = _hubs.get(rt)
+        if d.users == 0 and domains is not None and domains.get(name) is d:
+            del domains[name]
+
+
+def _join(rt, c) -> tuple[_Domain, ConsoleHub, _Client]:
     client = _Client(CLIENT_QUEUE_BYTES)
-    with _hubs_lock:
-        hubs = _hubs.setdefault(rt, {})
-        hub = hubs.get(c.domain_name)
-        if hub is None or hub.ended:
-            if hub is not None:  # the VM stopped under it; its last client may not have left yet
-                del hubs[c.domain_name]
-            hub = ConsoleHub(rt.host.conn(), c.domain_name)
-            try:
-                hub.open()
-            except libvirt.libvirtError as e:
-                raise _open_error(c, e) from None
-            hubs[c.domain_name] = hub
-        hub.add(client)
-    return hub, client
+    d = _enter(rt, c.domain_name)
+    try:
+        with d.lock:
+            hub = d.hub
+            if hub is None or hub.ended:
+                if hub is not None:  # the VM stopped under it; release our stream before opening a new one
+                    d.hub = None
+                    hub.close()
+                try:
+                    hub = ConsoleHub(rt.host.conn(), c.domain_name)
+                    hub.open()
+                except libvirt.libvirtError as e:
+                    raise _open_error(c, e) from None
+                d.hub = hub
+            hub.add(client)
+    except BaseException:
+        _exit(rt, c.domain_name, d)
+        raise
+    return d, hub, client
 
 
-def _leave(rt, hub: ConsoleHub, client: _Client) -> None:
+def _leave(rt, d: _Domain, hub: ConsoleHub, client: _Client) -> None:
     client.end("detached")
-    with _hubs_lock:
-        if hub.remove(client):
-            return
-        hubs = _hubs.get(rt, {})
-        if hubs.get(hub.domain) is hub:
-            del hubs[hub.domain]
-        # Closed under the lock: a client attaching meanwhile must not find the console still held by us.
-        hub.close()
+    try:
+        with d.lock:
+            if hub.remove(client):
+                return
+            if d.hub is hub:
+                d.hub = None
+            hub.close()  # under this domain's lock only (see _Domain)
+    finally:
+        _exit(rt, hub.domain, d)
 
 
 def _open_error(c, e: libvirt.libvirtError) -> errors.CRIError:
@@ -346,28 +382,33 @@ def attach_stream(rt, container_id: str, session) -> None:
     in the session's read or write ends as soon as the server closes the session's streams."""
     c = _domain_of(rt, container_id)
     stdin_once = rt.container_config(c).stdin_once
-    hub, client = _join(rt, c)
+    d, hub, client = _join(rt, c)
     tag = c.id[:12]
-    threads = []
+    out = inp = None
     try:
         if session.stdout is not None:
-            threads.append(threading.Thread(target=_pump_out, args=(client, session.stdout),
-                                            name=f"attach-out-{tag}", daemon=True))
+            out = threading.Thread(target=_pump_out, args=(client, session.stdout), name=f"attach-out-{tag}",
+                                   daemon=True)
+            out.start()
         if session.stdin is not None:
             keep_output = stdin_once and not session.tty
-            threads.append(threading.Thread(target=_pump_in, args=(hub, client, session.stdin, keep_output),
-                                            name=f"attach-in-{tag}", daemon=True))
-        for t in threads:
-            t.start()
+            inp = threading.Thread(target=_pump_in, args=(hub, client, session.stdin, keep_output),
+                                   name=f"attach-in-{tag}", daemon=True)
+            inp.start()
         while not client.done.wait(0.2):
             if session.closed.is_set():
                 break
             _drain(session.resize)
     finally:
         why = client.ended
-        _leave(rt, hub, client)
-        for t in threads:
-            t.join(0.5)
+        _leave(rt, d, hub, client)
+        # A dropped client's output pump is stuck in stdout.write by definition and its input pump most
+        # likely in stdin.read: return the error at once (the server then aborts the connection, which ends
+        # both). Otherwise give the pumps a moment to finish.
+        if why != "overrun":
+            for t in (out, inp):
+                if t is not None:
+                    t.join(0.5)
     log.info("attach to container %s ended: %s", tag, why or "session closed")
     if why == "overrun":
         raise errors.CRIError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -98,36 +99,64 @@ class NeverReadingWriter:
     def __init__(self) -> None:
         self._closed = threading.Event()
         self.writes = 0
+        self.blocked = threading.Event()  # a write is waiting
 
     def write(self, data: bytes) -> None:
         self.writes += 1
+        self.blocked.set()
         self._closed.wait()
+        self.blocked.clear()
         raise BrokenPipeError("client gone")
 
     def close(self) -> None:
         self._closed.set()
 
 
+class PauseAt:
+    """Holds the thread that installs it at its first call of the libvirt C function `name` until released: a
+    libvirt call that does not come back (a domain stuck in libvirtd), with nothing in the code replaced."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def install(self) -> None:
+        sys.setprofile(self._profile)  # this thread only
+
+    def _profile(self, _frame, event: str, arg) -> None:
+        if event == "c_call" and getattr(arg, "__name__", None) == self.name and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(300)
+
+
 class Attached:
     """One attach session run the way the streaming server runs it: attach_stream on a thread of its own,
     then (like the server) the session closed and its streams shut once the function returned."""
 
-    def __init__(self, rt, container_id: str, stdin=True, stdout=None, tty=False) -> None:
+    def __init__(self, rt, container_id: str, stdin=True, stdout=None, tty=False, before=None) -> None:
         self.stdin = FedReader() if stdin else None
         self.stdout = stdout if stdout is not None else CollectingWriter()
         self.session = Session(stdin=self.stdin, stdout=self.stdout, stderr=None if tty else CollectingWriter(),
                                tty=tty)
         self.error: BaseException | None = None
         self.returned = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(rt, container_id), daemon=True)
+        self.returned_at = 0.0
+        self.writer_blocked_at_return = False
+        self._thread = threading.Thread(target=self._run, args=(rt, container_id, before), daemon=True)
         self._thread.start()
 
-    def _run(self, rt, container_id: str) -> None:
+    def _run(self, rt, container_id: str, before) -> None:
         try:
+            if before is not None:
+                before()
             console_attach.attach_stream(rt, container_id, self.session)
         except BaseException as e:  # noqa: BLE001 - checked by the test
             self.error = e
         finally:
+            self.returned_at = time.monotonic()
+            blocked = getattr(self.stdout, "blocked", None)
+            self.writer_blocked_at_return = blocked is not None and blocked.is_set()
             self.returned.set()
             self.session.closed.set()
             if self.stdin:
@@ -244,13 +273,22 @@ def test_console_attach_shared_by_clients_log_intact_slow_client_dropped_ends_wh
 
     # A client that never reads is dropped once its queue is over the bound; the others lose nothing.
     monkeypatch.setattr(console_attach, "CLIENT_QUEUE_BYTES", 16 * 1024)
-    stuck = Attached(rt, cid, stdin=False, stdout=NeverReadingWriter())
-    time.sleep(1)
+    domain = rt.container(cid).domain_name
+    before = set(console_attach._hubs[rt][domain].hub._clients)
+    stuck = Attached(rt, cid, stdin=True, stdout=NeverReadingWriter())
+    assert _eventually(lambda: len(console_attach._hubs[rt][domain].hub._clients) == 3, 10)
+    (stuck_client,) = set(console_attach._hubs[rt][domain].hub._clients) - before
     lines = 4000
     a.type(f"seq 1 {lines} | sed 's/^/FLOOD-/'; echo FLOOD-DONE-$((1+1))\n")
-    stuck.wait(120)
+    assert stuck_client.done.wait(120), "the client that never reads was not dropped"
+    dropped_at = time.monotonic()
+    stuck.wait(10)
     assert isinstance(stuck.error, errors.CRIError) and stuck.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "unread" in stuck.error.message
+    # The error comes back at once, while the writer is still stuck (its stdin never ended either): the
+    # server can abort the connection then instead of waiting on a write that never finishes.
+    assert stuck.writer_blocked_at_return, "attach_stream waited for the stuck write"
+    assert stuck.returned_at - dropped_at < 1.0, f"returned {stuck.returned_at - dropped_at:.2f}s after the drop"
     for s in (a, b):
         s.stdout.wait_for(r"FLOOD-DONE-2\r?\n", 180)
         got = [int(n) for n in re.findall(r"^FLOOD-(\d+)\r?$", s.stdout.text(), re.MULTILINE)]
@@ -307,6 +345,57 @@ def test_stdin_once_without_tty_keeps_the_output_after_stdin_ends_until_the_vm_s
     once.wait(60)
     assert once.error is None and other.error is None
     assert not console_attach._hubs.get(rt)
+    assert _eventually(lambda: not _pump_threads(), 10), _pump_threads()
+
+
+def test_attach_to_one_vm_never_waits_for_another_vms_console(daemon, vmlet_dir):
+    """One VM's console open that does not come back (paused in its libvirt call) holds up no attach to,
+    and no detach from, another VM; once it comes back that attach works too."""
+    d, client = daemon
+    rt = d.runtime
+    pods = vmlet_dir / "pods"
+    _, slow_id = _run_vm(client, pods / "slow", "slow")
+    _, quick_id = _run_vm(client, pods / "quick", "quick")
+    slow_dom, quick_dom = rt.container(slow_id).domain_name, rt.container(quick_id).domain_name
+
+    pause = PauseAt("virDomainOpenConsole")
+    slow = Attached(rt, slow_id, before=pause.install)
+    try:
+        assert pause.reached.wait(30), "the slow VM's attach never reached virDomainOpenConsole"
+
+        def quick_open() -> bool:
+            entry = console_attach._hubs.get(rt, {}).get(quick_dom)
+            return entry is not None and entry.hub is not None
+
+        quick = Attached(rt, quick_id)
+        assert _eventually(quick_open, 5), "attaching to one VM waited for another VM's console"
+        watcher = Attached(rt, quick_id, stdin=False)  # the same VM's hub, shared
+        quick.stdout.wait_for(r"VMLET-TESTVM: ready", BOOT_TIMEOUT)  # the console flows meanwhile
+        quick.type("\n")
+        time.sleep(2)
+        quick.type("echo QUICK-$((5*5))\n")
+        watcher.stdout.wait_for(r"QUICK-25\r?\n", 60)
+        # Leaving: the last client closes the console and waits for libvirt to release it; not blocked either.
+        watcher.session.closed.set()
+        watcher.wait(10)
+        quick.stdin.eof()
+        quick.wait(10)
+        assert quick.error is None and watcher.error is None
+        assert not quick_open(), "the quick VM's console stayed open with nobody attached"
+        assert not slow.returned.is_set()
+    finally:
+        pause.release.set()
+
+    # The paused call returns: that attach opens its console and works like any other.
+    _wait_log(pods / "slow" / "vm" / "0.log", r"stdout F VMLET-TESTVM: ready$", BOOT_TIMEOUT)
+    slow.type("\n")
+    time.sleep(2)
+    slow.type("echo SLOW-$((8*8))\n")
+    slow.stdout.wait_for(r"SLOW-64\r?\n", 60)
+    slow.session.closed.set()
+    slow.wait(10)
+    assert slow.error is None
+    assert slow_dom not in console_attach._hubs.get(rt, {}) and not console_attach._hubs.get(rt)
     assert _eventually(lambda: not _pump_threads(), 10), _pump_threads()
 
 
