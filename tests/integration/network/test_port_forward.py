@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from kubernetes.client import Configuration
+from kubernetes.stream import ws_client
 
 from cri_shim import errors, port_forward
 from cri_shim.config import Config
@@ -463,8 +465,9 @@ echo GUEST-SERVERS-UP
 
 @pytest.mark.libvirt
 def test_real_guest_under_the_bridge_binding_closing_first_ends_the_forward(daemon, vmlet_dir):
-    """The pod IP reached from the pod netns on a real guest; the client never half-closes (as client-go, which
-    waits for the forward's end before it closes the local connection): the guest's close ends each forward."""
+    """The pod IP reached from the pod netns on a real guest whose servers close first; the client never
+    half-closes (a v4 WebSocket client cannot; client-go before it reset the data stream waited for the
+    forward's end to close the local connection): the guest's close ends each forward."""
     d, client = daemon
     rt = d.runtime
     log = vmlet_dir / "pods" / "pfb" / "vm" / "0.log"
@@ -488,6 +491,21 @@ def test_real_guest_under_the_bridge_binding_closing_first_ends_the_forward(daem
         return answer
 
     assert ended_by_the_guest(7002, b"") == b"banner\n"
+
+    # The same through the daemon's streaming server over WebSocket with the kubernetes Python client: v4
+    # channels carry no half-close, so the client hears of the guest's close only when the forward ends and
+    # the server closes the connection. (spdystream clients reset the data stream once the guest's EOF came.)
+    url = client.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=sid, port=[7002])).url
+    pf = ws_client.portforward_call(Configuration(), "GET", url.replace("http", "ws", 1) + "?ports=7002")
+    try:
+        sock = pf.socket(7002)
+        sock.settimeout(port_forward.GRACE + 20)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        assert got == b"banner\n"
+    finally:
+        pf.close()
     answer = ended_by_the_guest(8080, b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
     assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n", 1)[0], answer[:200]
     assert answer.endswith(b"served by pfb-guest\n")
