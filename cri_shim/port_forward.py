@@ -8,19 +8,20 @@ The socket is opened by a short-lived thread inside the namespace
 (`netns.connect_tcp`), so it reaches the guest over the pod's own segment and
 no other thread changes namespace.
 
-Bytes are copied both ways through one bounded buffer per direction (the
-reads block until the other side has taken the previous chunk), and a
-half-close is passed on: the client's EOF becomes shutdown(SHUT_WR) towards
-the guest, the guest's EOF becomes `close_write()` towards the client. The call
-returns once both directions ended, the stream closed, or GRACE after the
-guest's side ended first (as containerd's portForward: client-go closes the
-local connection only once the call returned, so waiting for the client's
-EOF would hang both). The client's EOF first leaves the guest all the time it
-needs to answer. The guest connection is shut down before it is closed, so a
-copy blocked sending to a guest that does not read wakes up; when such a copy
-is cut short, the close resets the connection (the guest would otherwise keep
-it open behind the unsent data). TCP only, as with kubectl: a port the pod
-declares only as UDP (or SCTP) is refused.
+Bytes are copied both ways through one bounded buffer per direction (the reads
+block until the other side has taken the previous chunk), and a half-close is
+passed on: the client's EOF becomes shutdown(SHUT_WR) towards the guest, the
+guest's EOF becomes `close_write()` towards the client. The call returns once
+both directions ended, the stream closed, or GRACE after the guest's side
+ended first (as containerd's portForward): a v4 WebSocket client cannot half-
+close and hears of the guest's close only when the call returned, and older
+client-go closed the local connection only then too, so waiting for the
+client's EOF would hang both. The client's EOF first leaves the guest all the
+time it needs to answer. The guest connection is shut down before it is
+closed, so a copy blocked sending to a guest that does not read wakes up; when
+such a copy is cut short, the close resets the connection (the guest would
+otherwise keep it open behind the unsent data). TCP only, as with kubectl: a
+port the pod declares only as UDP (or SCTP) is refused.
 """
 
 from __future__ import annotations
