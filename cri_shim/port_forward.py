@@ -13,9 +13,9 @@ block until the other side has taken the previous chunk), and a half-close is
 passed on: the client's EOF becomes shutdown(SHUT_WR) towards the guest, the
 guest's EOF becomes `close_write()` towards the client. The call returns once
 both directions ended, the stream closed, or GRACE after the guest's side
-ended first (as containerd's portForward): a v4 WebSocket client cannot half-
-close and hears of the guest's close only when the call returned, and older
-client-go closed the local connection only then too, so waiting for the
+ended first (as containerd's portForward): a v4 WebSocket client cannot
+half-close and hears of the guest's close only when the call returned, and
+older client-go closed the local connection only then too, so waiting for the
 client's EOF would hang both. The client's EOF first leaves the guest all the
 time it needs to answer. The guest connection is shut down before it is
 closed, so a copy blocked sending to a guest that does not read wakes up; when
