@@ -9,12 +9,15 @@ guest_agent.INPUT_CAP), output when the command ends.
 Timeouts, as containerd does it: ExecSync's `timeout` (seconds, 0 = none)
 kills the command in the guest and answers DEADLINE_EXCEEDED ("timeout Ns
 exceeded"), which the kubelet's remote runtime client turns into a timed-out
-exec probe. Without a timeout ExecSync is still bounded by EXEC_SYNC_MAX (the
-command is killed and DEADLINE_EXCEEDED says so), so no gRPC worker waits on a
-guest forever.
+exec probe; so does an agent that does not answer within the timeout (every
+agent call is capped by what is left of it). Without a timeout ExecSync is
+still bounded by EXEC_SYNC_MAX (the command is killed and DEADLINE_EXCEEDED
+says so), so no gRPC worker waits on a guest forever.
 """
 
 from __future__ import annotations
+
+import re
 
 import grpc
 
@@ -64,16 +67,26 @@ def _check_cmd(cmd) -> list[str]:
     return out
 
 
+# POSIX's portable user name (3.437: the portable filename character set, no leading hyphen); 256 is
+# LOGIN_NAME_MAX. Anything else could not be a passwd name, and must never reach setpriv as options.
+USER_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,255}\Z")
+
+
 def _user_of(rt, c) -> tuple[int | str | None, int | None]:
+    return user_of(rt.container_config(c).linux.security_context)
+
+
+def user_of(sc: api_pb2.LinuxContainerSecurityContext) -> tuple[int | str | None, int | None]:
     """(uid or user name, gid) from the container's security context; None where not set."""
-    sc = rt.container_config(c).linux.security_context
     uid: int | str | None = None
     gid: int | None = None
     if sc.HasField("run_as_user"):
         uid = sc.run_as_user.value
     elif sc.run_as_username:
-        if "\x00" in sc.run_as_username:
-            raise errors.invalid_argument("config.linux.security_context.run_as_username contains a NUL byte")
+        if not USER_NAME.match(sc.run_as_username):
+            raise errors.invalid_argument(
+                f"config.linux.security_context.run_as_username {errors.show(sc.run_as_username)} is not a "
+                "portable user name (letters, digits, '.', '_', '-', not starting with '-', at most 256)")
         uid = sc.run_as_username
     if sc.HasField("run_as_group"):
         gid = sc.run_as_group.value
@@ -95,18 +108,28 @@ def _agent_error(e: guest_agent.AgentError, who: str) -> errors.CRIError:
     return errors.failed_precondition(guest_agent.describe(e, who))
 
 
-def _run(rt, c, cmd: list[str], *, stdin: bytes | None, timeout: float | None, cancel=None):
+def _run(rt, c, cmd: list[str], *, stdin: bytes | None, timeout: float | None, cancel=None,
+         given_timeout: int = 0):
     uid, gid = _user_of(rt, c)
     who = _who(rt, c)
     if rt.agent.connected(c.domain_name) is False:
         # Known down from libvirt's events: answer now (libvirt would too, but this costs no call at all).
         raise _agent_error(guest_agent.AgentNotConnected(), who)
     dom = _domain(rt, c)
+    if rt.agent.ledger.stale(c.domain_name):
+        rt.agent.sweep(c.domain_name)  # commands an earlier run could not kill: the worker tries again
     try:
-        return guest_agent.run(dom, cmd, stdin=stdin, timeout=timeout, uid=uid, gid=gid, cancel=cancel)
+        return guest_agent.run(dom, cmd, stdin=stdin, timeout=timeout, uid=uid, gid=gid, cancel=cancel,
+                               ledger=rt.agent.ledger)
     except guest_agent.NoSetpriv as e:
         raise errors.failed_precondition(
             f"{who}: cannot honour the container's runAsUser/runAsGroup in the guest: {e.detail}") from None
+    except guest_agent.AgentTimeout as e:
+        if given_timeout:
+            # What the kubelet counts as a timed-out probe (any other error is "unknown" and dropped).
+            raise _deadline_exceeded(f"timeout {given_timeout}s exceeded: {guest_agent.describe(e, who)}") \
+                from None
+        raise _agent_error(e, who) from None
     except guest_agent.AgentError as e:
         raise _agent_error(e, who) from None
 
@@ -117,7 +140,8 @@ def exec_sync(rt, req: api_pb2.ExecSyncRequest) -> api_pb2.ExecSyncResponse:
     if req.timeout < 0:
         raise errors.invalid_argument(f"timeout must not be negative (got {req.timeout})")
     bound = min(req.timeout, EXEC_SYNC_MAX) if req.timeout else EXEC_SYNC_MAX
-    result = _run(rt, c, cmd, stdin=None, timeout=bound)
+    result = _run(rt, c, cmd, stdin=None, timeout=bound, given_timeout=req.timeout if req.timeout <= EXEC_SYNC_MAX
+                  else 0)
     if result.timed_out:
         if req.timeout and req.timeout <= EXEC_SYNC_MAX:
             raise _deadline_exceeded(f"timeout {req.timeout}s exceeded: the command was killed in the guest")

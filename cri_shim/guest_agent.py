@@ -5,7 +5,8 @@ is missing or closed, and syncs with the agent (guest-sync) before every
 command, so a connected but silent agent costs at most the call's timeout.
 Failures are typed (`NoAgentChannel`, `AgentNotConnected`, `AgentTimeout`,
 `AgentCommandFailed`, `VMNotRunning`); the RPC modules turn them into
-FailedPrecondition with `describe`.
+FailedPrecondition with `describe` (an AgentTimeout of an ExecSync with a
+timeout: DeadlineExceeded). Calls to one VM's agent take turns (`call`).
 
 Running a command (`run`): qemu-ga 7.2 has `guest-exec` + `guest-exec-status`
 and nothing else: no kill, no pty, no streaming stdin (all of stdin goes in
@@ -23,6 +24,9 @@ wrapper (`WRAPPER`) that:
   through /proc) takes everything the command started.
 The guest needs /bin/sh, mktemp, mkfifo, head and cat (any Linux image).
 
+`ExecLedger` keeps the pids whose exit was not seen yet on disk; `sweep` kills
+and drains what a crash of vmlet (or a lost agent) left behind.
+
 `AgentTracker` keeps connected/disconnected per domain from libvirt's agent
 lifecycle events, and a cache of guest facts (OS, hostname, interfaces)
 refreshed in the background, so ContainerStatus never waits on an agent.
@@ -34,10 +38,15 @@ import base64
 import binascii
 import json
 import logging
+import math
+import os
 import queue
+import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import libvirt
 import libvirt_qemu
@@ -60,18 +69,19 @@ shift 3
 if [ -n "$uid" ]; then
     # By path: a busybox sh may run its own setpriv applet (no --reuid) for a bare name.
     # No gid: setpriv keeps gid 0 (the CRI's default without runAsGroup and an image passwd entry).
-    ids="--reuid=$uid"
-    [ -n "$gid" ] && ids="$ids --regid=$gid"
+    # Quoted: a user name is one argument, never extra setpriv options.
     sp=
     for p in /usr/bin/setpriv /bin/setpriv /usr/sbin/setpriv /sbin/setpriv; do
-        if [ -x "$p" ] && "$p" $ids --clear-groups true 2>/dev/null; then sp=$p; break; fi
+        if [ -x "$p" ] && "$p" "--reuid=$uid" ${gid:+"--regid=$gid"} --clear-groups true 2>/dev/null; then
+            sp=$p; break
+        fi
     done
     if [ -z "$sp" ]; then
         echo "vmlet-exec: cannot run as uid/gid: the image has no util-linux setpriv (--reuid/--regid)" \
             "or the user is unknown to it" >&2
         exit 125
     fi
-    set -- "$sp" $ids --clear-groups -- "$@"
+    set -- "$sp" "--reuid=$uid" ${gid:+"--regid=$gid"} --clear-groups -- "$@"
 fi
 d=$(mktemp -d "/tmp/.vmlet-exec.$$.XXXXXX") || exit 125
 mkfifo "$d/o" "$d/e" || exit 125
@@ -84,8 +94,8 @@ rm -rf "$d"
 exit $rc
 '''
 
-# $1: a pid. Stops it (stopped processes cannot fork), kills its children the same way, then kills it.
-KILL_TREE = r'''children() {
+# Stops a pid (stopped processes cannot fork), kills its children the same way, then kills it.
+_KILL_FUNCTIONS = r'''children() {
     for s in /proc/[0-9]*/stat; do
         read -r line <"$s" 2>/dev/null || continue
         rest=${line##*) }
@@ -100,8 +110,28 @@ killtree() {
     for c in $(children "$1"); do killtree "$c"; done
     kill -KILL "$1" 2>/dev/null
 }
-killtree "$1"
+'''
+
+# $1: a wrapper's pid qemu-ga reported running.
+KILL_TREE = _KILL_FUNCTIONS + r'''killtree "$1"
 rm -rf "/tmp/.vmlet-exec.$1."* 2>/dev/null
+exit 0
+'''
+
+# $@: pids of wrappers qemu-ga no longer knows (it restarted while they ran: they are orphans now). Only a pid
+# that still has its wrapper's directory is killed (a reused pid has none); then the directories of wrappers
+# that are gone are removed.
+SWEEP = _KILL_FUNCTIONS + r'''for p in "$@"; do
+    for d in /tmp/.vmlet-exec."$p".*; do
+        if [ -d "$d" ] && [ -d "/proc/$p" ]; then killtree "$p"; rm -rf "/tmp/.vmlet-exec.$p."*; break; fi
+    done
+done
+for d in /tmp/.vmlet-exec.*; do
+    [ -d "$d" ] || continue
+    p=${d#/tmp/.vmlet-exec.}
+    p=${p%%.*}
+    [ -d "/proc/$p" ] || rm -rf "$d"
+done
 exit 0
 '''
 
@@ -180,15 +210,41 @@ def parse_reply(text: str, command: str):
     return reply["return"]
 
 
-def call(dom: libvirt.virDomain, command: str, arguments: dict | None = None, timeout: int = CALL_TIMEOUT):
-    """One agent command; its "return" value. Raises AgentError."""
+# One agent call at a time per domain, waited for within the caller's timeout: libvirt runs one agent job per
+# domain and makes any other wait up to 30 s for it, whatever that call's own timeout.
+_call_locks: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
+_call_locks_guard = threading.Lock()
+
+
+def _call_lock(dom: libvirt.virDomain) -> threading.Lock:
+    name = dom.name()  # local to the binding: no RPC
+    with _call_locks_guard:
+        lock = _call_locks.get(name)
+        if lock is None:
+            lock = _call_locks[name] = threading.Lock()
+        return lock
+
+
+def call(dom: libvirt.virDomain, command: str, arguments: dict | None = None, timeout: float = CALL_TIMEOUT):
+    """One agent command; its "return" value. Raises AgentError; AgentTimeout when no answer within `timeout`
+    seconds (waiting for another call to the same agent included)."""
     message = {"execute": command}
     if arguments is not None:
         message["arguments"] = arguments
+    end = time.monotonic() + timeout
+    lock = _call_lock(dom)
+    if timeout <= 0 or not lock.acquire(timeout=timeout):
+        raise AgentTimeout(f"{command}: the agent is still busy with an earlier call")
     try:
-        text = libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), max(1, int(timeout)), 0)
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AgentTimeout(f"{command}: no time left after waiting for an earlier call")
+        # libvirt's timeout is whole seconds (and bounds its guest-sync too).
+        text = libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), max(1, math.ceil(left - 0.05)), 0)
     except libvirt.libvirtError as e:
         raise error_from_libvirt(e) from None
+    finally:
+        lock.release()
     if text is None:
         raise AgentCommandFailed(f"{command}: no reply")
     return parse_reply(text, command)
@@ -236,12 +292,27 @@ def cap_output(data: bytes, agent_truncated: bool, cap: int = OUTPUT_CAP) -> tup
     return data, False
 
 
+INT32 = range(-2 ** 31, 2 ** 31)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def exit_code_of(status: dict) -> int:
-    """The shell's convention: exit code, or 128 + the signal that ended the process."""
-    if isinstance(status.get("exitcode"), int):
-        return status["exitcode"]
-    if isinstance(status.get("signal"), int):
-        return 128 + status["signal"]
+    """The shell's convention: exit code, or 128 + the signal that ended the process (an int32 either way: the
+    CRI's exit_code field)."""
+    if "exitcode" in status:
+        code = status["exitcode"]
+        if type(code) is not int or code not in INT32:  # type(): True is an int to isinstance
+            raise AgentCommandFailed(f"guest-exec-status: exitcode {_short(code)} is not a 32-bit integer")
+        return code
+    if "signal" in status:
+        sig = status["signal"]
+        if type(sig) is not int or not 0 <= sig < INT32.stop - 128:
+            raise AgentCommandFailed(f"guest-exec-status: signal {_short(sig)} is not a signal number")
+        return 128 + sig
     raise AgentCommandFailed("guest-exec-status: an exited process without exit code or signal")
 
 
@@ -269,12 +340,17 @@ def exec_request(argv: list[str], stdin: bytes | None, uid: int | str | None, gi
     return args
 
 
+def _run_script(dom: libvirt.virDomain, script: str, name: str, args: list[str]) -> None:
+    started = call(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", script, name, *args]})
+    pid = started.get("pid") if isinstance(started, dict) else None
+    if isinstance(pid, int):
+        _wait_exited(dom, pid, time.monotonic() + KILL_GRACE)  # also drains its record in qemu-ga
+
+
 def kill_tree(dom: libvirt.virDomain, pid: int) -> None:
-    """Kill a guest-exec'd wrapper and everything under it (qemu-ga 7.2 has no guest-exec kill)."""
-    started = call(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", KILL_TREE, "vmlet-kill", str(pid)]})
-    killer = started.get("pid") if isinstance(started, dict) else None
-    if isinstance(killer, int):
-        _wait_exited(dom, killer, time.monotonic() + KILL_GRACE)
+    """Kill a guest-exec'd wrapper and everything under it (qemu-ga 7.2 has no guest-exec kill). Only for a pid
+    qemu-ga last reported running: once its exit was seen the pid may belong to anything."""
+    _run_script(dom, KILL_TREE, "vmlet-kill", [str(pid)])
 
 
 def _wait_exited(dom: libvirt.virDomain, pid: int, deadline: float) -> dict | None:
@@ -291,59 +367,120 @@ def _wait_exited(dom: libvirt.virDomain, pid: int, deadline: float) -> dict | No
         delay = min(delay * 1.5, 0.25)
 
 
+def _budget(deadline: float | None) -> float:
+    """One call's timeout: CALL_TIMEOUT, capped by what is left of the caller's deadline."""
+    if deadline is None:
+        return CALL_TIMEOUT
+    return min(CALL_TIMEOUT, deadline - time.monotonic())
+
+
+GUARD_WAIT = 30.0  # s a command without deadline waits for a sweep of its VM (a sweep's calls are bounded)
+
+
 def run(dom: libvirt.virDomain, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None,
         uid: int | str | None = None, gid: int | None = None, cancel: threading.Event | None = None,
-        cap: int = OUTPUT_CAP) -> ExecResult:
+        cap: int = OUTPUT_CAP, ledger: "ExecLedger | None" = None) -> ExecResult:
     """Run argv in the guest to its end, the deadline (`timeout` s: killed, timed_out) or `cancel` (killed,
-    cancelled). Raises AgentError."""
+    cancelled). Raises AgentError; AgentTimeout when the agent did not answer in time (every call is capped by
+    what is left of `timeout`). With a `ledger`, the pid is on record until its exit was seen, so a command that
+    could not be killed (or outlived a crash of vmlet) is swept later (`sweep`)."""
     if stdin is not None and len(stdin) > INPUT_CAP:
         raise ValueError(f"stdin is {len(stdin)} bytes, over the {INPUT_CAP} the guest agent takes")
-    started = call(dom, "guest-exec", exec_request(argv, stdin, uid, gid, cap))
-    pid = started.get("pid") if isinstance(started, dict) else None
-    if not isinstance(pid, int):
-        raise AgentCommandFailed("guest-exec: the reply has no pid")
     deadline = time.monotonic() + timeout if timeout else None
-    delay = 0.02
+    domain = dom.name() if ledger is not None else ""
+    guard = ledger.guard(domain) if ledger is not None else None
+    # guest-exec and its record under the ledger's guard: a sweep never takes a new command for a stale record.
+    if guard is not None and not guard.acquire(timeout=max(0.0, _budget(deadline)) if deadline else GUARD_WAIT):
+        raise AgentTimeout("guest-exec: the leftovers of an earlier vmlet are still being killed in this VM")
     try:
-        while True:
-            status = call(dom, "guest-exec-status", {"pid": pid})
-            if not isinstance(status, dict):
-                raise AgentCommandFailed("guest-exec-status: the reply is not an object")
-            if status.get("exited"):
-                return result_of(status, cap)
-            now = time.monotonic()
-            if cancel is not None and cancel.is_set():
-                return _killed(dom, pid, cap, cancelled=True)
-            if deadline is not None and now >= deadline:
-                return _killed(dom, pid, cap, timed_out=True)
-            wait = delay if deadline is None else min(delay, deadline - now)
-            if cancel is not None:
-                cancel.wait(max(0.0, wait))
-            else:
-                time.sleep(max(0.0, wait))
-            delay = min(delay * 1.5, 0.25)
+        started = call(dom, "guest-exec", exec_request(argv, stdin, uid, gid, cap), _budget(deadline))
+        pid = started.get("pid") if isinstance(started, dict) else None
+        if type(pid) is not int or pid <= 0:
+            raise AgentCommandFailed("guest-exec: the reply has no pid")
+        if ledger is not None:
+            ledger.started(domain, pid)
+    finally:
+        if guard is not None:
+            guard.release()
+    status = None
+    timed_out = cancelled = False
+    try:
+        status, timed_out, cancelled = _poll(dom, pid, deadline, cancel)
+        if status is None:
+            kill_tree(dom, pid)
+            status = _wait_exited(dom, pid, time.monotonic() + KILL_GRACE)
+    except AgentTimeout:
+        raise  # no answer: another call (the kill) would only wait again; the record stays for the sweep
     except AgentError:
-        # Lost the agent mid-way (or a bug on its side): don't leave the command behind if it can be helped.
+        # A bad reply while it ran: don't leave the command behind if it can be helped.
         try:
             kill_tree(dom, pid)
+            status = _wait_exited(dom, pid, time.monotonic() + KILL_GRACE)
         except AgentError:
             pass
         raise
-
-
-def _killed(dom: libvirt.virDomain, pid: int, cap: int, timed_out: bool = False,
-            cancelled: bool = False) -> ExecResult:
-    kill_tree(dom, pid)
-    status = _wait_exited(dom, pid, time.monotonic() + KILL_GRACE)
-    if status is None:
-        result = ExecResult(137, b"", b"")
-    else:
+    finally:
+        if ledger is not None:
+            ledger.ended(domain, pid, drained=status is not None)
+    # Decoded after the exit was seen, outside the kill-on-error block: the pid is qemu-ga's no more.
+    if not (timed_out or cancelled):
+        return result_of(status, cap)
+    result = ExecResult(137, b"", b"")
+    if status is not None:
         try:
             result = result_of(status, cap)
-        except NoSetpriv:
-            result = ExecResult(137, b"", b"")
+        except AgentError:
+            pass  # killed anyway: its partial output is not worth an error
     result.timed_out, result.cancelled = timed_out, cancelled
     return result
+
+
+def _poll(dom: libvirt.virDomain, pid: int, deadline: float | None,
+          cancel: threading.Event | None) -> tuple[dict | None, bool, bool]:
+    """(the exited status, False, False), or (None, timed_out, cancelled) when the deadline or cancel came first."""
+    delay = 0.02
+    while True:
+        left = _budget(deadline)
+        if left <= 0:
+            return None, True, False
+        status = call(dom, "guest-exec-status", {"pid": pid}, left)
+        if not isinstance(status, dict):
+            raise AgentCommandFailed("guest-exec-status: the reply is not an object")
+        if status.get("exited"):
+            return status, False, False
+        now = time.monotonic()
+        if cancel is not None and cancel.is_set():
+            return None, False, True
+        if deadline is not None and now >= deadline:
+            return None, True, False
+        wait = delay if deadline is None else min(delay, deadline - now)
+        if cancel is not None:
+            cancel.wait(max(0.0, wait))
+        else:
+            time.sleep(max(0.0, wait))
+        delay = min(delay * 1.5, 0.25)
+
+
+def sweep(dom: libvirt.virDomain, pids: list[int]) -> set[int]:
+    """Kill what is left of earlier commands (recorded pids whose exit nobody saw) and drain qemu-ga's records
+    of them; remove wrapper directories whose wrapper is gone. Returns the pids settled (exit seen, or not
+    qemu-ga's any more). Raises AgentError (nothing settled after the error)."""
+    settled: set[int] = set()
+    orphans: list[int] = []
+    for pid in pids:
+        try:
+            status = call(dom, "guest-exec-status", {"pid": pid})
+        except AgentCommandFailed:  # unknown to qemu-ga: it restarted (or the guest rebooted) since
+            orphans.append(pid)
+            continue
+        if isinstance(status, dict) and status.get("exited"):
+            settled.add(pid)  # asking drained it
+            continue
+        kill_tree(dom, pid)
+        if _wait_exited(dom, pid, time.monotonic() + KILL_GRACE) is not None:
+            settled.add(pid)
+    _run_script(dom, SWEEP, "vmlet-sweep", [str(p) for p in orphans])
+    return settled | set(orphans)
 
 
 # -------------------------------------------------------------- facts and tracking
@@ -354,35 +491,63 @@ def _camel(key: str) -> str:
     return head + "".join(part.capitalize() for part in rest)
 
 
+# Caps on what a guest tells about itself (it reaches every verbose ContainerStatus and the VM's status).
+FACT_KEYS = 16  # guest-get-osinfo has 10
+FACT_TEXT = 256  # characters of a name or value (longer ones are cut)
+MAX_INTERFACES = 32
+MAX_ADDRESSES = 32  # per interface
+ADDRESS_TEXT = 64  # an IPv6 address with a zone fits; longer is no address
+
+
+def _text(value, limit: int = FACT_TEXT) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
 def parse_os_info(reply) -> dict:
-    """guest-get-osinfo with KubeVirt's guestOSInfo names (kernel-release -> kernelRelease, ...)."""
-    return {_camel(k): v for k, v in reply.items() if isinstance(k, str) and isinstance(v, str)} \
-        if isinstance(reply, dict) else {}
+    """guest-get-osinfo with KubeVirt's guestOSInfo names (kernel-release -> kernelRelease, ...), capped."""
+    out: dict[str, str] = {}
+    for k, v in reply.items() if isinstance(reply, dict) else ():
+        if len(out) >= FACT_KEYS:
+            break
+        if isinstance(k, str) and len(k) <= 64 and isinstance(v, str):
+            out[_camel(k)] = v[:FACT_TEXT]
+    return out
 
 
 def os_info(dom: libvirt.virDomain, timeout: int = CALL_TIMEOUT) -> dict:
     return parse_os_info(call(dom, "guest-get-osinfo", timeout=timeout))
 
 
+def parse_host_name(reply) -> str:
+    name = _text(reply.get("host-name")) if isinstance(reply, dict) else None
+    return name or ""
+
+
 def host_name(dom: libvirt.virDomain, timeout: int = CALL_TIMEOUT) -> str:
-    reply = call(dom, "guest-get-host-name", timeout=timeout)
-    name = reply.get("host-name") if isinstance(reply, dict) else None
-    return name if isinstance(name, str) else ""
+    return parse_host_name(call(dom, "guest-get-host-name", timeout=timeout))
 
 
 def parse_interfaces(reply) -> list[dict]:
-    """guest-network-get-interfaces as KubeVirt names it: name, mac, ipAddresses (addr/prefix), without lo."""
+    """guest-network-get-interfaces as KubeVirt names it: name, mac, ipAddresses (addr/prefix), without lo;
+    capped in count and length."""
     out = []
     for nic in reply if isinstance(reply, list) else []:
+        if len(out) >= MAX_INTERFACES:
+            break
         if not isinstance(nic, dict) or not isinstance(nic.get("name"), str) or nic["name"] == "lo":
             continue
         ips = []
-        for ip in nic.get("ip-addresses") or []:
-            if isinstance(ip, dict) and isinstance(ip.get("ip-address"), str):
-                prefix = ip.get("prefix")
-                ips.append(f"{ip['ip-address']}/{prefix}" if isinstance(prefix, int) else ip["ip-address"])
-        mac = nic.get("hardware-address")
-        out.append({"name": nic["name"], "mac": mac if isinstance(mac, str) else "", "ipAddresses": ips})
+        given = nic.get("ip-addresses")
+        for ip in given if isinstance(given, list) else []:
+            if len(ips) >= MAX_ADDRESSES:
+                break
+            addr = ip.get("ip-address") if isinstance(ip, dict) else None
+            if not isinstance(addr, str) or not addr or len(addr) > ADDRESS_TEXT:
+                continue
+            prefix = ip.get("prefix")
+            ips.append(f"{addr}/{prefix}" if type(prefix) is int and 0 <= prefix <= 128 else addr)
+        out.append({"name": nic["name"][:FACT_TEXT], "mac": _text(nic.get("hardware-address"), 64) or "",
+                    "ipAddresses": ips})
     return out
 
 
@@ -404,16 +569,102 @@ class Facts:
     error: str = ""
 
 
+class ExecLedger:
+    """The guest-exec pids of each domain whose exit nobody has seen yet, on disk, so that a vmlet restarted
+    after a crash (or an agent that came back) gets the commands killed and qemu-ga's records of them drained.
+
+    A record is an empty file <root>/<domain>/<pid>: created when guest-exec answers (atomic and cheap: one
+    open(O_EXCL)), removed once the exit was seen. Records of this process's running commands are "live";
+    the rest are "stale" and left to `sweep` (run by AgentTracker's worker). `root` None: memory only.
+    """
+
+    def __init__(self, root: Path | None) -> None:
+        self._root = root
+        self._lock = threading.Lock()
+        self._recorded: dict[str, set[int]] = {}
+        self._live: dict[str, set[int]] = {}
+        self._guards: dict[str, threading.Lock] = {}
+        if root is not None and root.is_dir():
+            for d in root.iterdir():
+                if not d.is_dir():
+                    continue
+                pids = {int(f.name) for f in d.iterdir() if f.name.isdigit() and 0 < int(f.name) < 2 ** 31}
+                if pids:
+                    self._recorded[d.name] = pids
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def guard(self, domain: str) -> threading.Lock:
+        """Held across guest-exec + `started` and by the sweep across a pid's check and kill."""
+        with self._lock:
+            return self._guards.setdefault(domain, threading.Lock())
+
+    def started(self, domain: str, pid: int) -> None:
+        with self._lock:
+            self._recorded.setdefault(domain, set()).add(pid)
+            self._live.setdefault(domain, set()).add(pid)
+        if self._root is not None:
+            try:
+                (self._root / domain).mkdir(parents=True, exist_ok=True)
+                os.close(os.open(self._root / domain / str(pid), os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as e:  # the state dir full or read-only: the command still runs, unrecorded
+                log.warning("cannot record guest exec %d of %s: %s", pid, domain, e)
+
+    def ended(self, domain: str, pid: int, drained: bool) -> None:
+        """The command is no longer this process's; `drained`: its exit was seen (else the record stays)."""
+        with self._lock:
+            self._live.get(domain, set()).discard(pid)
+        if drained:
+            self.settle(domain, [pid])
+
+    def stale(self, domain: str) -> list[int]:
+        with self._lock:
+            return sorted(self._recorded.get(domain, set()) - self._live.get(domain, set()))
+
+    def settle(self, domain: str, pids) -> None:
+        with self._lock:
+            recorded = self._recorded.get(domain, set())
+            live = self._live.get(domain, set())
+            for pid in pids:
+                if pid in live:
+                    continue  # a new command got the same pid meanwhile: its record is its own
+                recorded.discard(pid)
+                if self._root is not None:
+                    try:
+                        os.unlink(self._root / domain / str(pid))
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        log.warning("cannot remove the record of guest exec %d of %s: %s", pid, domain, e)
+
+    def forget(self, domain: str) -> None:
+        """The domain stopped or is gone: its processes went with it."""
+        with self._lock:
+            self._recorded.pop(domain, None)
+            self._live.pop(domain, None)
+            self._guards.pop(domain, None)
+            if self._root is not None:
+                shutil.rmtree(self._root / domain, ignore_errors=True)
+
+    def domains(self) -> list[str]:
+        with self._lock:
+            return [d for d, pids in self._recorded.items() if pids]
+
+
 class AgentTracker:
     """Agent connected/disconnected per domain (libvirt's agent lifecycle events) and cached guest facts.
 
     `connected(domain)` is True/False from the last event, None when no event
     was seen (a VM older than this vmlet, or after a libvirtd reconnect).
-    Facts are fetched by one background thread; `facts()` never blocks.
+    Facts are fetched by one background thread; `facts()` never blocks. The same
+    thread sweeps a VM's exec leftovers (`ledger`'s stale records, wrapper
+    directories of gone wrappers) when its agent connects and when asked (`sweep`).
     """
 
-    def __init__(self, lookup) -> None:
+    def __init__(self, lookup, ledger: ExecLedger | None = None) -> None:
         self._lookup = lookup  # domain name -> virDomain | None
+        self.ledger = ledger if ledger is not None else ExecLedger(None)
+        self._sweeps: set[str] = set()
         self._state: dict[str, bool] = {}
         self._facts: dict[str, Facts] = {}
         self._lock = threading.Lock()
@@ -440,13 +691,21 @@ class AgentTracker:
                 if facts is not None:
                     facts.fetched_at = 0.0  # stale: ask again once it is back
         if connected:
-            self.refresh(domain)
+            self.sweep(domain)  # (re)connected: what an earlier agent or vmlet left is ours to clean
 
     def forget(self, domain: str) -> None:
         """The domain stopped or is gone."""
         with self._lock:
             self._state.pop(domain, None)
             self._facts.pop(domain, None)
+            self._sweeps.discard(domain)
+        self.ledger.forget(domain)
+
+    def sweep(self, domain: str) -> None:
+        """Ask the worker to sweep the domain's exec leftovers (and refresh its facts)."""
+        with self._lock:
+            self._sweeps.add(domain)
+        self.refresh(domain)
 
     def connected(self, domain: str) -> bool | None:
         with self._lock:
@@ -480,12 +739,27 @@ class AgentTracker:
                 return
             with self._lock:
                 self._queued.discard(domain)
+                wanted = domain in self._sweeps
+                self._sweeps.discard(domain)
             try:
-                self._fetch(domain)
+                self._fetch(domain, wanted)
             except Exception:  # noqa: BLE001 - keep serving other domains
                 log.exception("fetching the guest facts of %s failed", domain)
 
-    def _fetch(self, domain: str) -> None:
+    def _sweep(self, dom: libvirt.virDomain, domain: str) -> None:
+        with self.ledger.guard(domain):
+            pids = self.ledger.stale(domain)
+            try:
+                settled = sweep(dom, pids)
+            except AgentError as e:
+                log.info("sweeping the exec leftovers of %s: %s (tried again later)", domain, e)
+                return
+            self.ledger.settle(domain, settled)
+        if pids:
+            log.info("%s: killed or drained the guest commands %s left by an earlier vmlet or agent", domain,
+                     sorted(settled))
+
+    def _fetch(self, domain: str, sweep_wanted: bool = False) -> None:
         try:
             dom = self._lookup(domain)
         except libvirt.libvirtError:
@@ -493,6 +767,8 @@ class AgentTracker:
         if dom is None:
             self.forget(domain)
             return
+        if sweep_wanted or self.ledger.stale(domain):
+            self._sweep(dom, domain)
         facts = Facts()
         try:
             facts.os = os_info(dom, FACTS_TIMEOUT)
