@@ -20,7 +20,10 @@ at any step, host reboot):
   CNI's result lost) or was being torn down (StopPodSandbox killed after CNI
   DEL began: its IP may belong to another pod by now), never refusing to start;
 - image references follow the records: every container holds its image,
-  holders that are no containers any more are released.
+  holders that are no containers any more are released;
+- guest commands a crash left running (the exec ledger's records) are
+  killed in the background by the agent tracker's worker; records of VMs that
+  no longer run are dropped.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def recover(rt: Runtime) -> dict[str, list[str]]:
         except Exception:  # noqa: BLE001 - one container must never keep the daemon from starting
             log.exception("container %s: recovery failed; its record is kept as it was", c.id[:12])
 
+    report["exec_sweeps"] = _sweep_execs(rt)
+
     # Every holding, also of images already removed (their file waits for its last holder).
     for image_id, holder in rt.images.holdings():
         if holder not in containers:
@@ -142,3 +147,17 @@ def _recover_container(rt: Runtime, c: ContainerRecord, report: dict[str, list[s
     if current is not None and current.state == api_pb2.CONTAINER_EXITED:
         # The VM went down while vmlet was not running (or before its shares were detached).
         pod_volumes.release(VMFiles(rt.config.vms_dir / c.id).dir)
+
+
+def _sweep_execs(rt: Runtime) -> list[str]:
+    """Queue a sweep of every running VM with guest commands on record (in the background: an agent that does
+    not answer must not hold up the start); forget the records of the others."""
+    running = {c.domain_name for c in rt.store.containers.values() if c.state == api_pb2.CONTAINER_RUNNING}
+    swept = []
+    for domain in rt.agent.ledger.domains():
+        if domain in running:
+            rt.agent.sweep(domain)
+            swept.append(domain)
+        else:
+            rt.agent.ledger.forget(domain)
+    return swept

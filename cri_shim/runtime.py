@@ -26,7 +26,7 @@ from .storage import pod_volumes
 from .config import Config
 from .console_log import ConsoleCopier
 from .events import EventHub
-from .guest_agent import AgentTracker
+from .guest_agent import AgentTracker, ExecLedger
 from .libvirt_host import LibvirtHost
 from .network import NetworkManager
 from .state import ContainerRecord, SandboxRecord, Store, resolve_id
@@ -124,7 +124,8 @@ class Runtime:
         self.network = NetworkManager(config.state_dir, config.cni_conf_dir, config.cni_bin_dirs,
                                       plugin_timeout=config.cni_plugin_timeout)
         # Guest agent state and facts: fed by libvirt's agent events, never waited on by an RPC.
-        self.agent = AgentTracker(host.lookup)
+        # ...and its record of guest commands in flight (exec leftovers are swept after a crash).
+        self.agent = AgentTracker(host.lookup, ExecLedger(config.state_dir / "exec-inflight"))
         host.add_agent_listener(self.agent.on_agent_event)
         host.add_lifecycle_listener(self._on_lifecycle)
 

@@ -36,6 +36,22 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
+def wait_for_agent(dom, timeout: float = 60) -> None:
+    """"ready" on the console comes a moment before qemu-ga (started in the background) opens its port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return guest_agent.ping(dom)
+        except guest_agent.AgentError:
+            assert time.monotonic() < deadline, "the guest agent never connected"
+            time.sleep(0.5)
+
+
+def guest_agent_leftovers() -> str:
+    """Shell: the wrapper directories in the guest's /tmp, but for the one of the wrapper running it."""
+    return 'for d in /tmp/.vmlet-exec.*; do case $d in /tmp/.vmlet-exec.$PPID.*) ;; *) [ -e "$d" ] && echo "$d";; esac; done; true'
+
+
 def verbose_info(rt, cid) -> dict:
     return json.loads(rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid, verbose=True)).info["info"])
 
@@ -72,6 +88,7 @@ def test_exec_sync_in_the_guest(client, pulled, vmlet_dir, libvirt_conn):
     log = log_dir / "vm" / "0.log"
     wait_for_log(log, r"VMLET-TESTVM: ready$", 240)
     dom = libvirt_conn.lookupByName(verbose_info(rt, cid)["domain"])
+    wait_for_agent(dom)
 
     for status in (0, 1, 42):
         resp = exec_sync(rt, cid, ["sh", "-c", f"echo to-out; echo to-err >&2; exit {status}"])
@@ -116,6 +133,26 @@ def test_exec_sync_in_the_guest(client, pulled, vmlet_dir, libvirt_conn):
     assert time.monotonic() - started < 15
     ps = exec_sync(rt, cid, ["ps", "-o", "args"]).stdout.decode()
     assert "sleep 4242" not in ps and "sleep 4343" not in ps, ps
+
+    # A command whose exit was seen is never killed after it (its pid is qemu-ga's no more), even when its answer
+    # is refused: this one looks like the wrapper's no-setpriv answer. A kill would have removed the canary,
+    # named like the wrapper's own directory.
+    code, message = code_of(lambda: exec_sync(rt, cid, ["sh", "-c", 'mkdir "/tmp/.vmlet-exec.$PPID.canary"; '
+                                                        'echo "vmlet-exec: cannot run as uid/gid: x" >&2; exit 125']))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "runAsUser" in message, message
+    assert exec_sync(rt, cid, ["sh", "-c", "ls -d /tmp/.vmlet-exec.*.canary && rm -r /tmp/.vmlet-exec.*.canary"]
+                     ).exit_code == 0, "the exited command's pid was killed"
+
+    # The sweep (after a crash of vmlet or a restart of the agent): a pid qemu-ga does not know is killed only
+    # while it has its wrapper's directory (else it may be anything by now); directories of gone wrappers go.
+    orphan, bystander = map(int, exec_sync(rt, cid, ["sh", "-c", (
+        "sleep 4646 >/dev/null 2>&1 & o=$!; mkdir /tmp/.vmlet-exec.$o.t; sleep 4747 >/dev/null 2>&1 & "
+        "echo $o $!; mkdir /tmp/.vmlet-exec.999999.t")]).stdout.split())
+    assert guest_agent.sweep(dom, [orphan, bystander]) == {orphan, bystander}
+    ps = exec_sync(rt, cid, ["ps", "-o", "args"]).stdout.decode()
+    assert "sleep 4646" not in ps and "sleep 4747" in ps, ps
+    assert exec_sync(rt, cid, ["sh", "-c", guest_agent_leftovers()]).stdout == b""
+    exec_sync(rt, cid, ["kill", str(bystander)])
 
     # Guest facts in verbose status (fetched in the background: poll).
     deadline = time.monotonic() + 30

@@ -15,11 +15,13 @@ import time
 import grpc
 import pytest
 
+from cri_shim import guest_agent
 from proto.runtime.v1 import api_pb2
 from tests.support import cri
 from tests.support.libvirt_env import RUN_PREFIX
 
 from .conftest import TESTVM
+from .test_exec import guest_agent_leftovers, wait_for_agent
 from .test_lifecycle import wait_for_log
 
 pytestmark = pytest.mark.libvirt
@@ -185,4 +187,61 @@ def test_crash_inside_an_rpc_is_reconciled_on_restart(vmlet_factory, vmlet_dir, 
         client.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container_id))
         assert not client.runtime.ListContainers(api_pb2.ListContainersRequest()).containers
     remove_all(client, vmlet, libvirt_conn)
+    vmlet.stop()
+
+
+def guest_ps(domain) -> str:
+    """The guest's processes, asked from the test (vmlet may be down)."""
+    return guest_agent.run(domain, ["ps", "-o", "args"], timeout=30).stdout.decode()
+
+
+def test_a_command_running_when_vmlet_dies_is_killed_after_the_restart(vmlet_factory, vmlet_dir, libvirt_conn):
+    vmlet = vmlet_factory()
+    client = vmlet.start()
+    client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=TESTVM)))
+    pod, sandbox_id = run_pod(client, vmlet_dir, name="exec-crash")
+    container_id = create(client, pod, sandbox_id)
+    client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=container_id))
+    wait_for_log(vmlet_dir / "pods" / "exec-crash" / "vm" / "0.log", r"VMLET-TESTVM: ready$", 240)
+    domain = libvirt_conn.lookupByName(next(iter(domains(libvirt_conn))))
+    records = vmlet.state_dir / "exec-inflight" / domain.name()
+    wait_for_agent(domain)
+
+    call = client.runtime.ExecSync.future(api_pb2.ExecSyncRequest(
+        container_id=container_id, cmd=["sh", "-c", "sleep 4848 & sleep 4949"], timeout=600), timeout=700)
+    deadline = time.monotonic() + 60
+    while "sleep 4949" not in guest_ps(domain):
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.5)
+    [record] = list(records.iterdir())  # the wrapper's pid, on record while it runs
+    pid = int(record.name)
+
+    vmlet.kill()
+    with pytest.raises(grpc.RpcError) as e:
+        call.result()
+    assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # (kill closes the channel)
+    ps = guest_ps(domain)
+    assert "sleep 4848" in ps and "sleep 4949" in ps, "nothing kills it while vmlet is down"
+
+    client = vmlet.start()
+    deadline = time.monotonic() + 30
+    while True:
+        ps = guest_ps(domain)
+        if "sleep 4848" not in ps and "sleep 4949" not in ps:
+            break
+        assert time.monotonic() < deadline, f"the command outlived the restart: {ps}"
+        time.sleep(0.5)
+    # Its exit was drained from qemu-ga (which keeps it until asked) and the record went.
+    with pytest.raises(guest_agent.AgentCommandFailed):
+        guest_agent.call(domain, "guest-exec-status", {"pid": pid})
+    deadline = time.monotonic() + 10
+    while list(records.iterdir()) if records.exists() else []:
+        assert time.monotonic() < deadline, list(records.iterdir())
+        time.sleep(0.2)
+    assert guest_agent.run(domain, ["sh", "-c", guest_agent_leftovers()]).stdout == b""
+    remove_all(client, vmlet, libvirt_conn)
+    deadline = time.monotonic() + 10
+    while records.exists():  # the VM's stop event drops its records
+        assert time.monotonic() < deadline, list(records.iterdir())
+        time.sleep(0.2)
     vmlet.stop()
