@@ -225,6 +225,27 @@ def _call_lock(dom: libvirt.virDomain) -> threading.Lock:
         return lock
 
 
+# libvirt syncs with the agent (guest-sync) before a command when a call before it timed out, and waits for that
+# up to the domain's agent response timeout (5 s by default), not the command's: set it to the call's, so a short
+# ExecSync timeout bounds the sync too. Kept per running domain (name and ID) to call libvirt only on a change.
+_sync_timeouts: dict[tuple[str, int], int] = {}
+
+
+def _set_sync_timeout(dom: libvirt.virDomain, seconds: int) -> None:
+    key = (dom.name(), dom.ID())
+    if _sync_timeouts.get(key) == seconds:
+        return
+    try:
+        dom.agentSetResponseTimeout(seconds if seconds < CALL_TIMEOUT else
+                                    libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
+    except libvirt.libvirtError as e:  # the command still runs; its sync may just wait longer
+        log.debug("cannot set the agent response timeout of %s: %s", key[0], e)
+        return
+    if len(_sync_timeouts) > 4096:
+        _sync_timeouts.clear()  # domains long gone
+    _sync_timeouts[key] = seconds
+
+
 def call(dom: libvirt.virDomain, command: str, arguments: dict | None = None, timeout: float = CALL_TIMEOUT):
     """One agent command; its "return" value. Raises AgentError; AgentTimeout when no answer within `timeout`
     seconds (waiting for another call to the same agent included)."""
@@ -239,8 +260,9 @@ def call(dom: libvirt.virDomain, command: str, arguments: dict | None = None, ti
         left = end - time.monotonic()
         if left <= 0:
             raise AgentTimeout(f"{command}: no time left after waiting for an earlier call")
-        # libvirt's timeout is whole seconds (and bounds its guest-sync too).
-        text = libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), max(1, math.ceil(left - 0.05)), 0)
+        seconds = max(1, math.ceil(left - 0.05))  # libvirt's timeouts are whole seconds
+        _set_sync_timeout(dom, min(seconds, CALL_TIMEOUT))
+        text = libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), seconds, 0)
     except libvirt.libvirtError as e:
         raise error_from_libvirt(e) from None
     finally:

@@ -581,7 +581,9 @@ def _describe(e: Exception) -> str:
 PROBE_DEFAULTS = {"initialDelaySeconds": 0, "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1,
                   "failureThreshold": 3}  # core/v1 SetDefaults_Probe (kmock defaults nothing)
 PROBE_RETRIES = 3  # the kubelet's maxProbeRetries: errors (not failures) are retried
-EXEC_MARGIN = 10  # seconds past a probe's timeout for the ExecSync deadline (the kubelet adds its 2 min)
+# Seconds past a probe's timeout for the ExecSync deadline: the kubelet's remoteRuntimeService.ExecSync uses
+# timeout + its runtime request timeout (--runtime-request-timeout, 2 min by default).
+EXEC_MARGIN = 120
 
 
 class ProbeWorker:
