@@ -18,9 +18,10 @@ Limits: at most `max_connections` connections (one thread each; beyond:
 503 and closed), the request head within `header_timeout` and
 `max_header_bytes`, TLS handshakes within the header timeout, a connection
 idle (no byte either way) for `stream_idle_timeout` closed, streams
-created within `stream_creation_timeout` (the kubelet's 30 s), and a client
-that does not answer our WebSocket close within a few seconds cut off.
-`stop` closes every session.
+created within `stream_creation_timeout` (the kubelet's 30 s), a client
+that does not answer our WebSocket close within a few seconds cut off, and
+one that takes no byte of our output for `send_timeout` cut off too (see
+`_Wire`). `stop` closes every session.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class ServerConfig:
     max_header_bytes: int = 64 * 1024
     request_ttl: float = 60.0
     max_in_flight: int = 1000
+    # A client that takes no byte of our output for this long is disconnected (its writer would block).
+    send_timeout: float = 30.0
+    # SPDY: how long a stream whose buffer is full may hold up the connection's reader without its
+    # reader taking a byte, before the stream is reset (FLOW_CONTROL_ERROR) and the others go on.
+    stream_stall_timeout: float = 5.0
 
 
 class StreamingRuntime(Protocol):
@@ -112,52 +118,160 @@ def validate_port_forward(req) -> None:
 # ---------------------------------------------------------------- the wire
 
 class _Wire:
-    """The client's socket as the sessions use it: every byte either way counts as activity for the idle
-    timeout, and `abort` wakes whichever thread is blocked on it."""
+    """The client's socket as the sessions use it.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Every byte either way counts as activity for the idle timeout, and
+    `abort` wakes whichever thread is blocked on it. The socket is
+    non-blocking underneath and every wait is a poll, so that:
+    - a send that makes no progress for `send_timeout` seconds (a client
+      that stopped reading) aborts the connection instead of holding its
+      writer, and the write lock it holds, for as long as the idle timeout;
+    - with TLS, one SSL object is never used by two threads at once
+      (OpenSSL does not support it: a TLS 1.3 read may write): each SSL call
+      is made under `_io`, and the waits for the socket happen outside it.
+    """
+
+    _SLICE = 1.0  # longest single poll: a wait re-checks `aborted` this often
+    _TLS_CHUNK = 64 * 1024  # retried unchanged after "want write", as OpenSSL requires
+
+    def __init__(self, sock: socket.socket, send_timeout: float = 30.0) -> None:
+        sock.setblocking(False)
         self.sock = sock
+        self.tls = False
+        self.send_timeout = send_timeout
+        self.timeout: float | None = None  # how long recv waits for data (None: until the end)
         self.last = time.monotonic()
         self.deadline: float | None = None  # a hard end (request head, WebSocket close answer)
+        self.aborted = threading.Event()
+        self._io = threading.Lock()  # TLS: one SSL call at a time
+
+    def start_tls(self, ctx: ssl.SSLContext, timeout: float) -> None:
+        """The server side of the TLS handshake, within `timeout` seconds."""
+        self.sock = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.tls = True
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self._wait(select.POLLIN, end, "TLS handshake")
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT, end, "TLS handshake")
+
+    def _wait(self, events: int, end: float | None, what: str) -> None:
+        """Until the socket is ready for `events`; socket.timeout at `end`, BrokenPipeError once aborted."""
+        while True:
+            if self.aborted.is_set():
+                raise BrokenPipeError(f"{what}: the connection was closed")
+            fd = self.sock.fileno()
+            if fd < 0:
+                raise BrokenPipeError(f"{what}: the connection was closed")
+            left = self._SLICE if end is None else min(self._SLICE, end - time.monotonic())
+            if left <= 0:
+                raise socket.timeout(f"{what}: timed out")
+            poller = select.poll()
+            poller.register(fd, events)
+            if poller.poll(int(left * 1000) + 1):
+                return
+
+    def wait_readable(self, timeout_ms: int) -> bool:
+        """For the SPDY reader: bytes to read (the kernel's, or decrypted ones TLS holds) within timeout_ms."""
+        if self.tls:
+            with self._io:
+                if self.sock.pending():
+                    return True
+        poller = select.poll()
+        fd = self.sock.fileno()
+        if fd < 0:
+            return True  # recv then fails: the reader ends
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(timeout_ms))
 
     def recv(self, n: int = 65536, flags: int = 0) -> bytes:
-        data = self.sock.recv(n, flags) if flags else self.sock.recv(n)
-        self.last = time.monotonic()
-        return data
+        end = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                if self.tls:
+                    with self._io:
+                        data = self.sock.recv(n)
+                else:
+                    data = self.sock.recv(n, flags)
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT, end, "recv")
+                continue
+            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                self._wait(select.POLLIN, end, "recv")
+                continue
+            self.last = time.monotonic()
+            return data
 
     def sendall(self, data) -> None:
-        self.sock.sendall(data)
-        self.last = time.monotonic()
+        """All of `data`, or an OSError; TimeoutError (after aborting) when no byte went for send_timeout."""
+        view = memoryview(data).cast("B")
+        stalled_until = time.monotonic() + self.send_timeout
+        while len(view):
+            if self.aborted.is_set():
+                raise BrokenPipeError("send: the connection was closed")
+            try:
+                if self.tls:
+                    with self._io:
+                        sent = self.sock.send(view[:self._TLS_CHUNK])
+                else:
+                    sent = self.sock.send(view)
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                events = select.POLLOUT
+            else:
+                view = view[sent:]
+                now = time.monotonic()
+                self.last = now
+                stalled_until = now + self.send_timeout
+                continue
+            try:
+                self._wait(events, stalled_until, "send")
+            except socket.timeout:
+                log.info("streaming: the client read nothing for %.0f s: closing its connection", self.send_timeout)
+                self.abort()
+                raise TimeoutError(f"the client read nothing for {self.send_timeout:.0f} s") from None
 
     def send(self, data, flags: int = 0) -> int:
-        if flags and isinstance(self.sock, ssl.SSLSocket):
-            # SSLSocket takes no flags (MSG_DONTWAIT for a best-effort GOAWAY): "would block" instead.
-            raise BlockingIOError("no send flags on a TLS socket")
-        sent = self.sock.send(data, flags) if flags else self.sock.send(data)
+        """One attempt, never waiting (the socket is non-blocking): BlockingIOError when nothing fits."""
+        try:
+            if self.tls:
+                with self._io:
+                    sent = self.sock.send(data)
+            else:
+                sent = self.sock.send(data, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError("the TLS connection would block") from None
         self.last = time.monotonic()
         return sent
 
-    def settimeout(self, t) -> None:
-        self.sock.settimeout(t)
+    def settimeout(self, t: float | None) -> None:
+        self.timeout = t
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
         try:
-            socket.socket.shutdown(self.sock, how)  # also on an SSLSocket: wakes a blocked reader
+            socket.socket.shutdown(self.sock, how)  # the socket's, not SSLSocket's (which drops its SSL object)
         except OSError:
             pass
 
     def abort(self) -> None:
+        self.aborted.set()
         self.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self.shutdown(socket.SHUT_RDWR)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.abort()
+        with self._io:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
 
 class _BadRequest(Exception):
@@ -250,6 +364,9 @@ class StreamingServer:
         self.config = config
         self.cache = RequestCache(ttl=config.request_ttl, max_in_flight=config.max_in_flight)
         self._tls: ssl.SSLContext | None = None
+        for name in ("send_timeout", "stream_stall_timeout", "stream_idle_timeout", "header_timeout"):
+            if not getattr(config, name) > 0:
+                raise ValueError(f"streaming {name}: must be positive, got {getattr(config, name)!r}")
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ValueError("streaming TLS needs both a certificate and a key")
         if config.tls_cert is not None:
@@ -358,7 +475,7 @@ class StreamingServer:
             with self._lock:
                 full = len(self._conns) >= self.config.max_connections
                 if not full:
-                    conn = _Connection(_Wire(sock), peer)
+                    conn = _Connection(_Wire(sock, self.config.send_timeout), peer)
                     conn.wire.deadline = time.monotonic() + self.config.header_timeout
                     self._conns.add(conn)
             if full:
@@ -395,9 +512,7 @@ class StreamingServer:
         try:
             wire.settimeout(self.config.header_timeout)
             if self._tls is not None:
-                wire.sock = self._tls.wrap_socket(wire.sock, server_side=True, do_handshake_on_connect=False)
-                wire.sock.settimeout(self.config.header_timeout)
-                wire.sock.do_handshake()
+                wire.start_tls(self._tls, self.config.header_timeout)
             try:
                 req = self._read_request(wire)
                 self._route(conn, req)
@@ -497,7 +612,8 @@ class StreamingServer:
                                         lambda port, d: self.runtime.port_forward(sid, port, d), sid, linger)
         else:
             opts, body, action = self._session_body(kind, cached)
-            remotecommand.serve_websocket(wsconn, chosen, opts, body, action, linger)
+            remotecommand.serve_websocket(wsconn, chosen, opts, body, action, linger,
+                                          stdin_eof_needed=kind == "exec")
 
     def _upgraded(self, conn: _Connection) -> None:
         conn.wire.settimeout(None)
@@ -539,7 +655,7 @@ class StreamingServer:
         if kind == "portforward":
             sid = cached.pod_sandbox_id
             pf = portforward.SpdyPortForward(lambda port, d: self.runtime.port_forward(sid, port, d), sid, timeout)
-            sconn = spdy.SpdyConnection(wire, pf.on_stream)
+            sconn = spdy.SpdyConnection(wire, pf.on_stream, stall_timeout=self.config.stream_stall_timeout)
             handler = threading.Thread(target=pf.run, args=(sconn,), daemon=True, name="spdy-portforward")
             handler.start()
             try:
@@ -556,7 +672,7 @@ class StreamingServer:
         def on_stream(stream) -> None:
             stream.reply()
             collector.add(stream)  # a stream of an unknown type is answered and left unused, as by the kubelet
-        sconn = spdy.SpdyConnection(wire, on_stream)
+        sconn = spdy.SpdyConnection(wire, on_stream, stall_timeout=self.config.stream_stall_timeout)
         session = threading.Thread(target=remotecommand.serve_spdy,
                                    args=(sconn, collector, version, opts, body, action, timeout),
                                    daemon=True, name=f"spdy-{kind}")
