@@ -13,12 +13,16 @@ built on moby/spdystream, which neither sends WINDOW_UPDATE nor honours it
 (its frame handler drops WINDOW_UPDATE and SETTINGS as unhandled frames).
 So this server never waits for send window: writes are bounded by TCP
 back-pressure alone (a client that does not read blocks its own
-connection's writers). For reads it grants window as the application
-consumes, so a peer that does honour SPDY/3.1 windows never stalls, and for
-peers that ignore windows it bounds what it buffers per stream
-(`max_buffered`): when a stream's buffer is full the reader stops reading
-the socket until the application drains it (TCP back-pressure again, the
-same as spdystream's own unbuffered stream channels).
+connection's writers; the socket under the connection bounds how long).
+For reads it grants window as the application consumes, so a peer that
+does honour SPDY/3.1 windows never stalls, and for peers that ignore
+windows it bounds what it buffers per stream (`max_buffered`): when a
+stream's buffer is full the reader waits for the application to drain it
+(TCP back-pressure, so a fast client and a slower consumer still move
+every byte), but only while the application keeps taking bytes: a stream
+whose application takes nothing for `stall_timeout` seconds is reset with
+FLOW_CONTROL_ERROR and its data dropped, so one stuck stream cannot hold
+up the connection's other streams, PINGs and RST_STREAMs for good.
 
 Hostile input (bad lengths, unknown versions, oversize or undecompressable
 header blocks, zlib bombs) ends the connection with GOAWAY(PROTOCOL_ERROR);
@@ -501,6 +505,7 @@ class SpdyStream:
         self._buf = bytearray()
         self._remote_fin = frame.fin
         self._unacked = 0
+        self._taken = 0  # bytes the application has read: its progress, for the stall timeout
         self._reset = False
         self._gone = False  # the connection ended
         self._replied = False
@@ -595,6 +600,7 @@ class SpdyStream:
                 return b""
             data = bytes(self._buf[:n])
             del self._buf[:n]
+            self._taken += len(data)
             self._unacked += len(data)
             grant = 0
             if self._unacked >= _WINDOW_UPDATE_AT and not (self._remote_fin or self._gone):
@@ -611,19 +617,33 @@ class SpdyStream:
             self._buf = bytearray()
         self._cond.notify_all()
 
-    def _deliver(self, frame: DataFrame, max_buffered: int) -> None:
-        """Reader thread: queue a DATA frame's bytes; waits while the buffer is full (back-pressure)."""
+    def _deliver(self, frame: DataFrame, max_buffered: int, stall_timeout: float) -> None:
+        """Reader thread: queue a DATA frame's bytes. While the buffer is full it waits (back-pressure), as
+        long as the application keeps reading; after stall_timeout without a byte read, the stream is reset
+        (FLOW_CONTROL_ERROR) so that the connection's other streams go on."""
+        overflow = False
         with self._cond:
-            while (len(self._buf) >= max_buffered and not (self._reset or self._gone)):
-                self._cond.wait()
-            if self._reset or self._gone:
+            taken, since = self._taken, time.monotonic()
+            while len(self._buf) >= max_buffered and not (self._reset or self._gone):
+                if self._taken != taken:
+                    taken, since = self._taken, time.monotonic()
+                left = since + stall_timeout - time.monotonic()
+                if left <= 0:
+                    overflow = True
+                    break
+                self._cond.wait(left)
+            if overflow or self._reset or self._gone:
                 self._conn._consumed(len(frame.data), 0, 0, send=False)
-                return
-            self._buf += frame.data
-            if frame.fin:
-                self._remote_fin = True
-            self._cond.notify_all()
-        if frame.fin:
+            else:
+                self._buf += frame.data
+                if frame.fin:
+                    self._remote_fin = True
+                self._cond.notify_all()
+        if overflow:
+            log.info("SPDY connection: stream %d reset: %d bytes unread for %.0f s", self.id, len(self._buf),
+                     stall_timeout)
+            self.reset(FLOW_CONTROL_ERROR)
+        elif frame.fin:
             self._check_done()
 
     def _remote_finished(self) -> bool:
@@ -673,15 +693,21 @@ class SpdyConnection:
     """
 
     def __init__(self, sock: socket.socket, on_stream: Callable[[SpdyStream], None], *, max_streams: int = 64,
-                 max_header_block: int = 64 * 1024, max_buffered: int = 1 << 20, initial_data: bytes = b""):
+                 max_header_block: int = 64 * 1024, max_buffered: int = 1 << 20, stall_timeout: float = 5.0,
+                 initial_data: bytes = b""):
         """initial_data: bytes already read from the socket after the upgrade request (a buffered HTTP
-        reader's read-ahead), handled before anything read from the socket."""
-        if max_streams < 1 or max_header_block < 16 or max_buffered < 1:
-            raise ValueError("max_streams, max_header_block and max_buffered must be positive "
+        reader's read-ahead), handled before anything read from the socket.
+
+        `sock` is a socket or an object with its methods (recv, sendall, send, shutdown, close, fileno,
+        settimeout); one with `wait_readable(ms)` (the streaming server's wire, which may hold decrypted
+        TLS bytes the kernel does not see) is asked that instead of polling its descriptor."""
+        if max_streams < 1 or max_header_block < 16 or max_buffered < 1 or not stall_timeout > 0:
+            raise ValueError("max_streams, max_header_block, max_buffered and stall_timeout must be positive "
                              "(max_header_block at least 16)")
         self.closed = threading.Event()
         self.max_streams = max_streams
         self.max_buffered = max_buffered
+        self.stall_timeout = stall_timeout
         self._sock = sock
         sock.settimeout(None)  # blocking: back-pressure is TCP's; close() unblocks every call
         self._on_stream = on_stream
@@ -722,6 +748,15 @@ class SpdyConnection:
                 self._drain()
             self._close_fd()
 
+    def abort(self) -> None:
+        """End now, without GOAWAY or a last drain: for a peer that reads nothing (a graceful end would
+        wait on it). Streams end as with close()."""
+        self._shutdown(None, socket.SHUT_RDWR)
+        with self._state:
+            reader = self._reader_active
+        if not reader:
+            self._close_fd()
+
     def close(self) -> None:
         """GOAWAY and close: streams' read() -> b"" (after what was received), write() -> BrokenPipeError.
 
@@ -744,12 +779,15 @@ class SpdyConnection:
             ended, status = self._process(data)
             if ended:
                 return status
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN | select.POLLPRI)
+        readable = getattr(self._sock, "wait_readable", None)
+        if readable is None:
+            poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN | select.POLLPRI)
+            readable = poller.poll
         while not self._ended:
             # A bounded wait: close() from another thread must be noticed (shutting the write side wakes
             # no reader).
-            if not poller.poll(_POLL_MS):
+            if not readable(_POLL_MS):
                 continue
             try:
                 data = self._sock.recv(_RECV_SIZE)
@@ -810,7 +848,7 @@ class SpdyConnection:
             elif stream._remote_finished():
                 stream.reset(STREAM_ALREADY_CLOSED)
             else:
-                stream._deliver(frame, self.max_buffered)
+                stream._deliver(frame, self.max_buffered, self.stall_timeout)
         elif isinstance(frame, SynStream):
             self._open(frame)
         elif isinstance(frame, RstStream):
@@ -901,7 +939,7 @@ class SpdyConnection:
             except BrokenPipeError:
                 pass
 
-    def _shutdown(self, goaway: int | None) -> None:
+    def _shutdown(self, goaway: int | None, how: int | None = None) -> None:
         with self._state:
             if self._ended:
                 return
@@ -919,7 +957,9 @@ class SpdyConnection:
         # Writers blocked on the socket wake up with EPIPE. With a reader running, only the write side is
         # shut: the reader drains the peer's last bytes and closes (see _drain).
         try:
-            self._sock.shutdown(socket.SHUT_WR if self._reader_active else socket.SHUT_RDWR)
+            if how is None:
+                how = socket.SHUT_WR if self._reader_active else socket.SHUT_RDWR
+            self._sock.shutdown(how)
         except OSError:
             pass
         for stream in streams:
