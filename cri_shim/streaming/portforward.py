@@ -14,7 +14,8 @@ WebSocket: the ports come from the `port` query parameters (the kubelet's
 name; `ports`, what the kubernetes Python client sends, is accepted too),
 each port i has a data channel 2i and an error channel 2i+1, and both start
 with the port as two little-endian bytes. The connection ends when every
-port's forward has ended.
+port's forward has ended; data for a port whose forward has ended is
+dropped (it must not hold up the reader, and so the other ports).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def serve_websocket(conn: ws.WebSocketConnection, protocol: str, ports: list[int
     """A WebSocket port-forward, run in the connection's thread (the reader); a thread per port forwards."""
     binary = protocol != WS_V4_BASE64
     closed = threading.Event()
-    pipes = [Pipe() for _ in ports]
+    pipes = [Pipe(cancel=conn.aborted) for _ in ports]
     try:
         for i, port in enumerate(ports):
             prefix = struct.pack("<H", port)
@@ -277,6 +278,7 @@ def serve_websocket(conn: ws.WebSocketConnection, protocol: str, ports: list[int
         try:
             _run_forward(forward, port, duplex, pod, report)
         finally:
+            pipes[i].abort()  # this port's forward is over: what the client still sends on it is dropped
             with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0

@@ -123,16 +123,42 @@ def attach_runner(run: Callable[[Session], None]) -> Callable[[Session], dict]:
     return body
 
 
-def run_body(body: Callable[[Session], dict], session: Session, action: str) -> dict:
-    """Call the runtime; its CRIError (or a bug) becomes the Failure status the client shows."""
+def run_body(body: Callable[[Session], dict], session: Session, action: str) -> tuple[dict, bool]:
+    """Call the runtime: (the status for the client, whether to cut the client off instead of telling it).
+
+    A CRIError (or a bug) becomes the Failure status the client shows. RESOURCE_EXHAUSTED is the
+    runtime's word that the client read too little of its output (attach's overrun): such a client
+    would not read the status either, and a writer of the session may still be blocked on it, so the
+    connection is to be aborted at once.
+    """
+    import grpc
     from ..errors import CRIError
     try:
-        return body(session)
+        return body(session), False
     except CRIError as e:
-        return status_internal(f"error {action}: {e.message}")
+        return status_internal(f"error {action}: {e.message}"), e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     except Exception as e:  # noqa: BLE001 - a bug in a runtime function must not kill the server
         log.exception("%s failed", action)
-        return status_internal(f"error {action}: internal error: {e}")
+        return status_internal(f"error {action}: internal error: {e}"), False
+
+
+def status_bad_request(message: str) -> dict:
+    return {"metadata": {}, "status": "Failure", "message": message, "reason": "BadRequest", "code": 400}
+
+
+def refuse_body(status: dict) -> Callable[[Session], dict]:
+    """A session body that does not call the runtime: it answers `status`."""
+    return lambda session: status
+
+
+def stdin_eof_refusal(protocol: str) -> dict | None:
+    """Exec with stdin over a WebSocket protocol that cannot say "end of stdin" (anything but v5): the
+    runtime takes stdin whole before it starts the command, so that command could never start."""
+    if protocol == V5:
+        return None
+    return status_bad_request(
+        f"stdin: exec with stdin needs a protocol that signals the end of stdin: {V5} over WebSocket, or "
+        f"SPDY; the client negotiated {protocol or 'no protocol'}, where stdin ends only with the connection")
 
 
 # ---------------------------------------------------------------- resize
@@ -290,7 +316,15 @@ def serve_spdy(conn, collector: StreamCollector, version: int, opts: Options, bo
         resizer = threading.Thread(target=_read_resize, args=(streams[RESIZE], session), daemon=True,
                                    name="spdy-resize")
         resizer.start()
-    status = run_body(body, session, action)
+    status, cut_off = run_body(body, session, action)
+    if cut_off:
+        log.info("%s: the client read too little of the output: disconnecting it", action)
+        session.closed.set()
+        conn.abort()  # wakes a writer still blocked on the client, which a status would queue behind
+        watcher.join(5)
+        if resizer is not None:
+            resizer.join(5)
+        return
     try:
         err = streams[ERROR]
         data = encode_status(status, json_status=version >= 4)
@@ -329,20 +363,34 @@ def _read_resize(stream, session: Session) -> None:
 # ---------------------------------------------------------------- WebSocket
 
 class Pipe:
-    """Bytes from the connection's reader to the runtime: bounded (the reader waits while it is full)."""
+    """Bytes from the connection's reader to the runtime: bounded (the reader waits while it is full).
 
-    def __init__(self, capacity: int = PIPE_CAPACITY) -> None:
+    The reader's wait ends when the runtime reads, when the pipe is closed or
+    aborted (the runtime is done with it: later bytes are dropped), or when
+    `cancel` is set (the connection was cut off by the server).
+    """
+
+    _CHECK = 0.5  # how often a waiting feed looks at `cancel`
+
+    def __init__(self, capacity: int = PIPE_CAPACITY, cancel: threading.Event | None = None) -> None:
         self.capacity = capacity
+        self.cancel = cancel
         self._buf = bytearray()
         self._eof = False
         self._cond = threading.Condition()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bool:
+        """False when the data was dropped (the pipe is closed, or `cancel` was set while waiting)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._eof or len(self._buf) < self.capacity)
-            if not self._eof:
-                self._buf += data
-                self._cond.notify_all()
+            while not (self._eof or len(self._buf) < self.capacity):
+                if self.cancel is not None and self.cancel.is_set():
+                    return False
+                self._cond.wait(self._CHECK if self.cancel is not None else None)
+            if self._eof:
+                return False
+            self._buf += data
+            self._cond.notify_all()
+            return True
 
     def close(self) -> None:
         """EOF once the buffered bytes are read."""
@@ -401,15 +449,22 @@ def decode_ws_message(opcode: int, data: bytes, binary: bool) -> tuple[int, byte
 
 
 def serve_websocket(conn: ws.WebSocketConnection, protocol: str, opts: Options, body: Callable[[Session], dict],
-                    action: str, linger: Callable[[], None]) -> None:
+                    action: str, linger: Callable[[], None], stdin_eof_needed: bool = False) -> None:
     """A WebSocket exec/attach, run in the connection's thread: this thread reads, the session runs in its own.
 
     `linger` is called once the session is over and our close frame is out:
     the server then gives the client a few seconds to answer it.
+    `stdin_eof_needed`: the runtime reads stdin to its end before it starts
+    (exec): with stdin on a protocol without a close signal, the session is
+    refused with a Failure status instead of waiting for an EOF that only
+    the connection's end brings.
     """
     binary = protocol not in (WS_V4_BASE64, WS_BASE64)
     json_status = protocol in (V4, V5, WS_V4_BASE64)
-    stdin = Pipe() if opts.stdin else None
+    refusal = stdin_eof_refusal(protocol) if stdin_eof_needed and opts.stdin else None
+    if refusal is not None:
+        body, opts = refuse_body(refusal), Options(False, opts.stdout, opts.stderr, opts.tty)
+    stdin = Pipe(cancel=conn.aborted) if opts.stdin else None
     session = Session(stdin=stdin,
                       stdout=ChannelWriter(conn, STDOUT, binary) if opts.stdout else None,
                       stderr=ChannelWriter(conn, STDERR, binary) if opts.stderr and not opts.tty else None,
@@ -421,8 +476,14 @@ def serve_websocket(conn: ws.WebSocketConnection, protocol: str, opts: Options, 
         return
 
     def run() -> None:
-        status = run_body(body, session, action)
+        status, cut_off = run_body(body, session, action)
         try:
+            if stdin is not None:
+                stdin.abort()  # nobody reads it any more: the reader drops what the client still sends
+            if cut_off:
+                log.info("%s: the client read too little of the output: disconnecting it", action)
+                conn.abort()  # wakes a writer still blocked on the client, which a status would queue behind
+                return
             data = encode_status(status, json_status)
             if data:
                 ChannelWriter(conn, ERROR, binary).write(data)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import socket
 import struct
 import threading
 from dataclasses import dataclass
@@ -255,7 +256,10 @@ class WebSocketConnection:
 
     One reader thread calls `recv_message`; any thread may `send`. `closed` is
     set once the connection is over (close frames exchanged, the peer gone, a
-    protocol error, or `abort`).
+    protocol error, or `abort`). `aborted` is set by `abort` (or shared with
+    the socket's own, when it has one: the streaming server's wire sets it
+    when it cuts the client off), for threads that wait on something other
+    than the socket.
     """
 
     def __init__(self, sock, *, initial: bytes = b"", max_message: int = MAX_MESSAGE) -> None:
@@ -267,6 +271,7 @@ class WebSocketConnection:
         self._send_lock = threading.Lock()
         self.close_sent = False
         self.closed = threading.Event()
+        self.aborted: threading.Event = getattr(sock, "aborted", None) or threading.Event()
 
     def recv_message(self) -> tuple[int, bytes] | None:
         """The next text or binary message; None once the connection is over. Answers pings and close."""
@@ -323,6 +328,15 @@ class WebSocketConnection:
         try:
             self.send(opcode, data)
         except BrokenPipeError:
+            pass
+
+    def abort(self) -> None:
+        """End at once, without a close handshake (a client that reads nothing would never get ours)."""
+        self.aborted.set()
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader and any sender
+        except OSError:
             pass
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
