@@ -56,21 +56,42 @@ def _session():
 
 def test_runners_and_runtime_errors():
     s = _session()
-    assert rc.run_body(rc.exec_runner(lambda _: 0, ["true"]), s, "executing")["status"] == "Success"
-    st = rc.run_body(rc.exec_runner(lambda _: 3, ["sh", "-c", "exit 3"]), s, "executing")
+    grpc = __import__("grpc")
+
+    def status(body, action="executing"):
+        st, cut_off = rc.run_body(body, s, action)
+        assert cut_off is False
+        return st
+    assert status(rc.exec_runner(lambda _: 0, ["true"]))["status"] == "Success"
+    st = status(rc.exec_runner(lambda _: 3, ["sh", "-c", "exit 3"]))
     assert st["reason"] == "NonZeroExitCode" and "'sh -c exit 3'" in st["message"]
 
     def refuse(_):
-        raise CRIError(__import__("grpc").StatusCode.FAILED_PRECONDITION, "the guest agent is not connected")
-    st = rc.run_body(rc.exec_runner(refuse, ["x"]), s, "executing command in container")
+        raise CRIError(grpc.StatusCode.FAILED_PRECONDITION, "the guest agent is not connected")
+    st = status(rc.exec_runner(refuse, ["x"]), "executing command in container")
     assert st["message"] == ("Internal error occurred: error executing command in container: "
                              "the guest agent is not connected")
 
     def bug(_):
         raise KeyError("oops")
-    st = rc.run_body(rc.attach_runner(bug), s, "attaching to container")
+    st = status(rc.attach_runner(bug), "attaching to container")
     assert st["reason"] == "InternalError" and "internal error" in st["message"]
-    assert rc.run_body(rc.attach_runner(lambda _: None), s, "attaching")["status"] == "Success"
+    assert status(rc.attach_runner(lambda _: None), "attaching")["status"] == "Success"
+
+    # the runtime's word that the client read too little: the connection is cut, not told
+    def overrun(_):
+        raise CRIError(grpc.StatusCode.RESOURCE_EXHAUSTED, "disconnected: output unread")
+    st, cut_off = rc.run_body(rc.attach_runner(overrun), s, "attaching to container")
+    assert cut_off is True and "output unread" in st["message"]
+
+
+def test_stdin_eof_refusal_names_v5_and_spdy():
+    assert rc.stdin_eof_refusal(rc.V5) is None
+    for protocol in (rc.V4, rc.WS_V4_BASE64, rc.V1, rc.WS_BASE64, ""):
+        st = rc.stdin_eof_refusal(protocol)
+        assert st["status"] == "Failure" and st["reason"] == "BadRequest"
+        assert "v5.channel.k8s.io" in st["message"] and "SPDY" in st["message"]
+        assert (protocol or "no protocol") in st["message"]
 
 
 @pytest.mark.parametrize("version, opts, want", [
@@ -173,6 +194,22 @@ def test_pipe_is_bounded_and_ends():
     q.feed(b"lost")
     q.abort()
     assert q.read() == b""
+    assert q.feed(b"late") is False and q.read() == b""  # after the runtime is done: dropped, never waits
+
+
+def test_pipe_feed_waiting_for_room_ends_on_abort_and_cancel():
+    for end in ("abort", "cancel"):
+        cancel = threading.Event()
+        p = rc.Pipe(capacity=4, cancel=cancel)
+        assert p.feed(b"full") is True
+        result = []
+        t = threading.Thread(target=lambda: result.append(p.feed(b"more")))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive()  # waiting for room
+        p.abort() if end == "abort" else cancel.set()
+        t.join(5)
+        assert not t.is_alive() and result == [False], end
 
 
 def test_port_forward_ports_and_headers():

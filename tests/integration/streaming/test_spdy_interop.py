@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -32,9 +33,10 @@ def client():
 class Server:
     """HTTP upgrade to SPDY/3.1 on loopback; each connection served in a thread of its own."""
 
-    def __init__(self, protocols=("v4.channel.k8s.io",), max_streams=64):
+    def __init__(self, protocols=("v4.channel.k8s.io",), max_streams=64, **conn_options):
         self.protocols = protocols
         self.max_streams = max_streams
+        self.conn_options = conn_options  # more SpdyConnection keywords
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.port = self.lsock.getsockname()[1]
         self.conns: list[spdy.SpdyConnection] = []
@@ -83,7 +85,8 @@ class Server:
                    if k.strip().lower() == "x-stream-protocol-version"]
         path, _, query = target.partition("?")
         params = dict(urllib.parse.parse_qsl(query))
-        handler = {"/exec": ExecSession, "/portforward": PortForward, "/echo": Echo, "/raw": Echo}.get(path)
+        handler = {"/exec": ExecSession, "/portforward": PortForward, "/echo": Echo, "/raw": Echo,
+                   "/hold": HoldFirst, "/slow": SlowEcho}.get(path)
         chosen = next((p for p in offered if p in self.protocols), None)
         if handler is None or chosen is None:
             sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found")
@@ -92,7 +95,8 @@ class Server:
         sock.sendall(("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
                       f"X-Stream-Protocol-Version: {chosen}\r\n\r\n").encode())
         session = handler(self, params)
-        conn = spdy.SpdyConnection(sock, session.on_stream, max_streams=self.max_streams, initial_data=rest)
+        conn = spdy.SpdyConnection(sock, session.on_stream, max_streams=self.max_streams, initial_data=rest,
+                                   **self.conn_options)
         session.conn = conn
         with self.lock:
             self.conns.append(conn)
@@ -237,6 +241,29 @@ class Echo:
         stream.close_write()
 
 
+class HoldFirst(Echo):
+    """Echo, except that stream index 0 is never read (a forwarded connection whose guest app is stuck)."""
+
+    def run(self, stream):
+        if stream.headers.get("index") != "0":
+            return super().run(stream)
+        stream.reply()
+        with self.server.lock:
+            self.server.streams.append(stream)
+        stream.closed.wait(60)
+
+
+class SlowEcho(Echo):
+    """Echo that reads a little at a time, with pauses."""
+
+    def run(self, stream):
+        stream.reply()
+        while data := stream.read(4096):
+            time.sleep(0.01)
+            stream.write(data)
+        stream.close_write()
+
+
 def run(client, *args, input=b"", timeout=60):
     return subprocess.run([str(client), *args], input=input, capture_output=True, timeout=timeout)
 
@@ -326,6 +353,27 @@ def test_many_streams_at_once(client, server):
     proc = run(client, "echo-streams", "--count", "40", "--bytes", str(300 * 1024), srv.url("/echo"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().split() == ["ok=40", "refused=0", "failed=0"]
+
+
+def test_a_stream_nobody_reads_is_reset_and_the_others_go_on(client, server, caplog):
+    srv = server(max_buffered=64 * 1024, stall_timeout=1.0)
+    start = time.monotonic()
+    # Without the reset, stream 0's full buffer stops the connection's reader: every stream waits for good.
+    with caplog.at_level(logging.INFO, logger=spdy.__name__):
+        proc = run(client, "echo-streams", "--count", "4", "--bytes", str(1 << 20), srv.url("/hold"), timeout=30)
+    assert proc.stdout.decode().split() == ["ok=3", "refused=0", "failed=1"], proc.stderr
+    assert proc.stderr.startswith(b"stream 0: 0 bytes back") and b"stream 1:" not in proc.stderr, proc.stderr
+    assert time.monotonic() - start < 20
+    held = srv.streams[0]
+    assert held.headers["index"] == "0" and held.closed.is_set()
+    assert any(f"stream {held.id} reset" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_slow_reader_is_not_reset(client, server):
+    """The stall timeout counts time without progress: a stream read slowly but steadily keeps all its bytes."""
+    srv = server(max_buffered=64 * 1024, stall_timeout=0.5)
+    proc = run(client, "echo-streams", "--count", "2", "--bytes", str(1 << 20), srv.url("/slow"), timeout=60)
+    assert proc.stdout.decode().split() == ["ok=2", "refused=0", "failed=0"], proc.stderr
 
 
 def test_streams_over_the_limit_are_refused(client, server):
