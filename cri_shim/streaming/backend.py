@@ -9,9 +9,12 @@ reaches the VM the same way, as with the kubelet's `streaming.Runtime`.
 Contract, for both sides:
 - `Reader.read(n)` blocks until data, answers at most n bytes, and b"" at
   the client's EOF or once the session is closed.
-- `Writer.write(data)` blocks while the client's window is full (so a client
-  that never reads holds back only its own session) and raises
-  `BrokenPipeError` once the client has gone.
+- `Writer.write(data)` blocks while the client does not take the bytes (so a
+  client that never reads holds back only its own session), at most the
+  server's send timeout, and raises `BrokenPipeError` once the client has
+  gone or the connection was aborted.
+- A session function that raises RESOURCE_EXHAUSTED (attach: the client fell
+  too far behind) gets its connection aborted at once, with no status.
 - `Session.closed` is set when the client has gone or the server shuts the
   session down: a runtime function that waits on the guest checks it and
   returns (killing or leaving its guest process as the CRI says).
