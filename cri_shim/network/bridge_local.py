@@ -19,12 +19,11 @@ br0 gets a new random MAC). They live in the pod netns and die with it.
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 from .errors import NetworkError
 from .names import POD_VM_VETH
-from .netns import nsenter_argv
+from .netns import nft
 
 FAMILY = "bridge"
 TABLE = "vmlet_local"
@@ -56,18 +55,9 @@ def ruleset(server_ip: str, bridge_mac: str, vm_port: str = POD_VM_VETH) -> dict
     ]}
 
 
-def _nft(netns_path: str, stdin: str | None, *args: str) -> subprocess.CompletedProcess:
-    argv = nsenter_argv(netns_path) + ["nft", *args]
-    try:
-        return subprocess.run(argv, input=(stdin or "").encode(), capture_output=True, timeout=30)
-    except FileNotFoundError as e:
-        raise NetworkError(f"cannot run nft (Debian package nftables): {e}") from None
-    except subprocess.TimeoutExpired:
-        raise NetworkError("nft did not finish within 30s") from None
-
 
 def apply(netns_path: str, server_ip: str, bridge_mac: str) -> None:
-    proc = _nft(netns_path, json.dumps(ruleset(server_ip, bridge_mac)), "-j", "-f", "-")
+    proc = nft(netns_path, json.dumps(ruleset(server_ip, bridge_mac)), "-j", "-f", "-")
     if proc.returncode != 0:
         raise NetworkError("nft could not load the bridge binding's local delivery rule into the pod network "
                            "namespace: " + proc.stderr.decode(errors="replace").strip()[-2000:])
@@ -85,7 +75,7 @@ def rules_in(listing: dict[str, Any]) -> list[list[dict[str, Any]]]:
 
 def present(netns_path: str, server_ip: str, bridge_mac: str) -> bool:
     """Exactly our rule, for br0's current MAC, is loaded."""
-    proc = _nft(netns_path, None, "-j", "list", "table", FAMILY, TABLE)
+    proc = nft(netns_path, None, "-j", "list", "table", FAMILY, TABLE)
     if proc.returncode != 0:
         return False
     try:
@@ -96,4 +86,4 @@ def present(netns_path: str, server_ip: str, bridge_mac: str) -> bool:
 
 
 def remove(netns_path: str) -> None:
-    _nft(netns_path, None, "delete", "table", FAMILY, TABLE)  # absent table: fine
+    nft(netns_path, None, "delete", "table", FAMILY, TABLE)  # absent table: fine

@@ -11,11 +11,10 @@ switched on in the pod netns only.
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 
 from .errors import NetworkError
 from .names import POD_BRIDGE, POD_IFNAME
-from .netns import nsenter_argv
+from .netns import nft
 
 VM_SUBNET = ipaddress.IPv4Network("10.0.2.0/24")
 VM_GATEWAY = "10.0.2.1"
@@ -54,26 +53,17 @@ def ruleset(pod_ips: list[str], vm_ip: str = VM_IP, subnet: str = str(VM_SUBNET)
     ])
 
 
-def _nft(netns_path: str, script: str | None, *args: str) -> subprocess.CompletedProcess:
-    argv = nsenter_argv(netns_path) + ["nft", *args]
-    try:
-        return subprocess.run(argv, input=(script or "").encode(), capture_output=True, timeout=30)
-    except FileNotFoundError as e:
-        raise NetworkError(f"cannot run nft (Debian package nftables): {e}") from None
-    except subprocess.TimeoutExpired:
-        raise NetworkError("nft did not finish within 30s") from None
-
 
 def apply(netns_path: str, pod_ips: list[str]) -> None:
-    proc = _nft(netns_path, ruleset(pod_ips), "-f", "-")
+    proc = nft(netns_path, ruleset(pod_ips), "-f", "-")
     if proc.returncode != 0:
         raise NetworkError("nft could not load the masquerade rules into the pod network namespace: "
                            + proc.stderr.decode(errors="replace").strip()[-2000:])
 
 
 def present(netns_path: str) -> bool:
-    return _nft(netns_path, None, "list", "table", "ip", TABLE).returncode == 0
+    return nft(netns_path, None, "list", "table", "ip", TABLE).returncode == 0
 
 
 def remove(netns_path: str) -> None:
-    _nft(netns_path, None, "delete", "table", "ip", TABLE)  # absent table: fine
+    nft(netns_path, None, "delete", "table", "ip", TABLE)  # absent table: fine

@@ -19,12 +19,15 @@ import ctypes
 import errno
 import os
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
+
+from .errors import NetworkError
 
 NETNS_DIR = Path(pr_netns.NETNS_RUN_DIR)
 CLONE_NEWNET = 0x40000000
@@ -134,6 +137,17 @@ def nsenter_argv(name_or_path: str) -> list[str]:
     """argv prefix that execs a command inside the namespace."""
     p = name_or_path if name_or_path.startswith("/") else path_of(name_or_path)
     return ["nsenter", f"--net={p}", "--"]
+
+
+def nft(netns_path: str, stdin: str | None, *args: str) -> subprocess.CompletedProcess:
+    """Run `nft ARGS` inside the namespace with `stdin` as its input (rulesets); the caller reads the result."""
+    argv = nsenter_argv(netns_path) + ["nft", *args]
+    try:
+        return subprocess.run(argv, input=(stdin or "").encode(), capture_output=True, timeout=30)
+    except FileNotFoundError as e:
+        raise NetworkError(f"cannot run nft (Debian package nftables): {e}") from None
+    except subprocess.TimeoutExpired:
+        raise NetworkError("nft did not finish within 30s") from None
 
 
 def write_sysctl(key: str, value: str) -> bool:
