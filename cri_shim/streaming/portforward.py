@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 from . import websocket as ws
-from .remotecommand import ChannelWriter, Pipe, decode_ws_message
+from .remotecommand import ChannelWriter, Pipe, ws_channel_messages
 
 log = logging.getLogger("vmlet.streaming")
 
@@ -290,14 +290,7 @@ def serve_websocket(conn: ws.WebSocketConnection, protocol: str, ports: list[int
     for w in workers:
         w.start()
     try:
-        while True:
-            message = conn.recv_message()
-            if message is None:
-                break
-            decoded = decode_ws_message(*message, binary)
-            if decoded is None:
-                continue
-            channel, data = decoded
+        for channel, data in ws_channel_messages(conn, binary):
             if channel % 2 == 0 and channel // 2 < len(pipes) and data:
                 pipes[channel // 2].feed(data)
     finally:

@@ -448,6 +448,14 @@ def decode_ws_message(opcode: int, data: bytes, binary: bool) -> tuple[int, byte
         return None
 
 
+def ws_channel_messages(conn, binary: bool):
+    """(channel, payload) of every client message that carries a channel, until the connection ends."""
+    while (message := conn.recv_message()) is not None:
+        decoded = decode_ws_message(*message, binary)
+        if decoded is not None:
+            yield decoded
+
+
 def serve_websocket(conn: ws.WebSocketConnection, protocol: str, opts: Options, body: Callable[[Session], dict],
                     action: str, linger: Callable[[], None], stdin_eof_needed: bool = False) -> None:
     """A WebSocket exec/attach, run in the connection's thread: this thread reads, the session runs in its own.
@@ -497,14 +505,7 @@ def serve_websocket(conn: ws.WebSocketConnection, protocol: str, opts: Options, 
     worker.start()
     resize = ResizeDecoder() if opts.tty else None
     try:
-        while True:
-            message = conn.recv_message()
-            if message is None:
-                break
-            decoded = decode_ws_message(*message, binary)
-            if decoded is None:
-                continue
-            channel, data = decoded
+        for channel, data in ws_channel_messages(conn, binary):
             if channel == STDIN and stdin is not None:
                 if data:
                     stdin.feed(data)
