@@ -28,12 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cli import BenchArgs, exit_status, print_ratio  # noqa: E402
-from cri_shim.storage import pod_volumes  # noqa: E402
-from cri_shim.network import NetworkManager, netns  # noqa: E402
-from cri_shim.network.names import netns_name  # noqa: E402
+from bench.daemon import vmlet_daemon  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
-from tests.support import cri, images, libvirt_env, netsupport  # noqa: E402
-from tests.support.http_server import ImageServer  # noqa: E402
+from tests.support import cri, libvirt_env  # noqa: E402
 
 MARKER = b"VMLET-TESTVM: boot marker"
 TIMEOUT = 180
@@ -79,63 +76,22 @@ def vmlet_boot(client, work: Path, n: int, sandboxes: list[str]) -> float:
         rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=TIMEOUT)
 
 
-def leftovers(conn, state_dir: Path, network: netsupport.TestNetwork, conf_dir: Path,
-              sandboxes: list[str]) -> list[str]:
-    """What the run left once the daemon is stopped (all of it removed here): domains, pod
-    networks, dnsmasq, pod IPs. The bench's CNI bridge goes with the network."""
-    left = libvirt_env.sweep(conn)  # this run's domains (libvirt_env.RUN_PREFIX) and dead test runs'
-    if state_dir.exists():
-        pod_volumes.unmount_under(state_dir)
-        left += NetworkManager(state_dir, conf_dir, [netsupport.CNI_BIN_DIR]).sweep([])
-    left += [f"netns of sandbox {sid}" for sid in sandboxes if netns.exists(netns.path_of(netns_name(sid)))]
-    left += [f"pod IP {ip}" for ip in network.allocated_ips()]
-    return left + [x for x in netsupport.leftovers() if x != f"link {network.bridge}"]
-
-
 def main() -> int:
     cli = BenchArgs(__doc__)
     cli.count("--runs", 3, 1, "boots of each kind; the best counts")
     args = cli.parse()
     accel = "tcg" if libvirt_env.DOMAIN_TYPE == "qemu" else "kvm"
-    image = images.build_test_image()
-    conn = libvirt_env.connect()
-    libvirt_env.WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    libvirt_env.WORK_ROOT.chmod(0o755)
-    # STATE_MARK in the path marks the pods' dnsmasq (its pid file is in the state dir) as this process's.
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{netsupport.STATE_MARK}-", dir=libvirt_env.WORK_ROOT))
-    work.chmod(0o711)
-    server = ImageServer().start()
-    sandboxes: list[str] = []
     bare, ours = [], []
-    try:
-        with netsupport.private_network(work, "vmlet-bench") as (network, conf_dir):
-            config = work / "vmlet.yaml"
-            cri.write_config(config, work / "state", work / "vmlet.sock",
-                             cri.translations_for(work / "t.yaml", {"testvm": server.serve_file("/t.qcow2", image)}),
-                             log_level="warning", cni_conf_dir=str(conf_dir), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
-            daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
-            try:
-                client = daemon.start()
-                client.images.PullImage(api_pb2.PullImageRequest(
-                    image=api_pb2.ImageSpec(image="virtlet.cloud/testvm")), timeout=TIMEOUT)
-                for n in range(args.runs):  # interleaved, so load changes hit both alike
-                    bare.append(bare_qemu(image, accel))
-                    ours.append(vmlet_boot(client, work, n, sandboxes))
-            except BaseException:
-                print(f"vmlet's log (tail):\n{daemon.log()[-3000:]}", file=sys.stderr)
-                raise
-            finally:
-                daemon.stop()
-                left = leftovers(conn, work / "state", network, conf_dir, sandboxes)
-    finally:
-        server.stop()
-        conn.close()
-        subprocess.run(["rm", "-rf", str(work)])
+    with vmlet_daemon() as bench:
+        for n in range(args.runs):  # interleaved, so load changes hit both alike
+            bare.append(bare_qemu(bench.image, accel))
+            ours.append(vmlet_boot(bench.client, bench.work, n, bench.sandboxes))
+    network = bench.network
     print(f"accelerator: {accel}, runs: {args.runs}, CNI network {network.name} {network.subnet}")
     print(f"bare qemu-system-x86_64 to boot marker: best {min(bare):.2f}s  median {statistics.median(bare):.2f}s")
     print(f"vmlet RunPodSandbox to marker in CRI log: best {min(ours):.2f}s  median {statistics.median(ours):.2f}s")
     print_ratio("vmlet/bare (best)", min(ours) / min(bare), "target <= 1.25x")
-    return exit_status(left)
+    return exit_status(bench.left)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cli import BenchArgs, exit_status, print_ratio  # noqa: E402
-from bench.cri_boot import TIMEOUT, leftovers, wait_marker  # noqa: E402
+from bench.cri_boot import TIMEOUT, wait_marker  # noqa: E402
+from bench.daemon import vmlet_daemon  # noqa: E402
 from bench.root_import import MIB, attached_to, clear_header  # noqa: E402
 from cri_shim.storage import persistent_root, volume_image  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
-from tests.support import cri, images, libvirt_env, netsupport  # noqa: E402
-from tests.support.http_server import ImageServer  # noqa: E402
+from tests.support import cri, images, libvirt_env  # noqa: E402
 
 IMAGE = "virtlet.cloud/testvm"
 DEVICE_PATH = "/dev/vmlet/root"  # the CRI device's container path, as the VM API renders a block PVC
@@ -226,49 +225,22 @@ def main() -> int:
     if args.device_mib * MIB < needed:
         raise SystemExit(f"--device-mib {args.device_mib} cannot hold the image's virtual size and the 1 MiB "
                          f"header ({-(-needed // MIB)} MiB)")
-    conn = libvirt_env.connect()
-    libvirt_env.WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    libvirt_env.WORK_ROOT.chmod(0o755)
-    # STATE_MARK in the path marks the pods' dnsmasq (its pid file is in the state dir) as this process's.
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{netsupport.STATE_MARK}-", dir=libvirt_env.WORK_ROOT))
-    work.chmod(0o711)
-    backing, device = work / "root-device.raw", None
-    server = ImageServer().start()
-    sandboxes: list[str] = []
-    left: list[str] = []
-    try:
+    with vmlet_daemon() as bench:
+        backing, device = bench.work / "root-device.raw", None
+        # Registered first: after the domains are gone (none holds the device open), even if losetup failed.
+        bench.after_stop.append(lambda: detach(device, backing))
         with open(backing, "wb") as f:
             f.truncate(args.device_mib * MIB)  # sparse: the blank device reads as zeros
         device = Path(subprocess.run(["losetup", "-f", "--show", str(backing)], check=True, capture_output=True,
                                      text=True, timeout=60).stdout.strip())
-        roots = [block_root(device), volume_root(work / "root-volume", args.device_mib)]
-        with netsupport.private_network(work, "vmlet-bench") as (network, conf_dir):
-            config = work / "vmlet.yaml"
-            cri.write_config(config, work / "state", work / "vmlet.sock",
-                             cri.translations_for(work / "t.yaml", {"testvm": server.serve_file("/t.qcow2", image)}),
-                             log_level="warning", cni_conf_dir=str(conf_dir), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
-            daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
-            try:
-                client = daemon.start()
-                digest = client.images.PullImage(api_pb2.PullImageRequest(
-                    image=api_pb2.ImageSpec(image=IMAGE)), timeout=TIMEOUT).image_ref
-                boots = measure(client, work, roots, args.runs, digest, sandboxes)
-            except BaseException:
-                print(f"vmlet's log (tail):\n{daemon.log()[-3000:]}", file=sys.stderr)
-                raise
-            finally:
-                daemon.stop()
-                left += leftovers(conn, work / "state", network, conf_dir, sandboxes)
-    finally:
-        left += detach(device, backing)  # after the domains are gone: none holds the device open
-        server.stop()
-        conn.close()
-        subprocess.run(["rm", "-rf", str(work)])
+        roots = [block_root(device), volume_root(bench.work / "root-volume", args.device_mib)]
+        boots = measure(bench.client, bench.work, roots, args.runs, bench.image_ref, bench.sandboxes)
+    network = bench.network
     print(f"accelerator: {accel}, rounds: {args.runs}, image {IMAGE} ({image.stat().st_size // MIB} MiB qcow2, "
           f"{virtual // MIB} MiB virtual), "
           f"roots of {args.device_mib} MiB (loop device, volume disk.img), CNI network {network.name} {network.subnet}")
     report(boots, [r.kind for r in roots])
-    return exit_status(left)
+    return exit_status(bench.left)
 
 
 if __name__ == "__main__":

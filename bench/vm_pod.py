@@ -1,12 +1,12 @@
 """What the streaming benches share: one vmlet daemon of the bench's own with one running VM pod in it.
 
-Not a bench itself (tests/integration/test_bench_quick.py lists it as a helper). `running_vm()` sets up
-what bench/cri_boot.py sets up — the test image on a loopback image server, a private CNI network (no
-NAT, no route out of the machine), `python -m cri_shim.main` as a process with its CRI socket and
-streaming server on loopback — then starts one VM pod through the CRI as the kubelet does and waits for
-the guest's ready marker in the container's CRI log. On leaving, also on failure or Ctrl-C, the pod goes
-through the CRI, the daemon stops and cri_boot's `leftovers` removes and names anything still there
-(domains, pod networks, dnsmasq, pod IPs): `pod.left` is the list for `cli.exit_status`.
+Not a bench itself (tests/integration/test_bench_quick.py lists it as a helper). `running_vm()` starts
+bench/daemon.py's `vmlet_daemon()` (the test image on a loopback image server, a private CNI network,
+`python -m cri_shim.main` with its CRI socket and streaming server on loopback), then one VM pod through
+the CRI as the kubelet does, and waits for the guest's ready marker in the container's CRI log. On
+leaving, also on failure or Ctrl-C, the pod goes through the CRI, the daemon stops and the sweep removes
+and names anything still there (domains, pod networks, dnsmasq, pod IPs): `pod.left` is the list for
+`cli.exit_status`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import contextlib
 import json
 import math
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +26,11 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cri_boot import leftovers  # noqa: E402
+from bench.daemon import IMAGE, TIMEOUT, vmlet_daemon  # noqa: E402
 from cri_shim.network import NetworkManager  # noqa: E402
 from proto.runtime.v1 import api_pb2  # noqa: E402
-from tests.support import cri, images, libvirt_env, netsupport  # noqa: E402
-from tests.support.http_server import ImageServer  # noqa: E402
+from tests.support import cri, netsupport  # noqa: E402
 
-IMAGE = "virtlet.cloud/testvm"
-TIMEOUT = 180  # s: a TCG boot on a loaded 2-core machine, an RPC
 READY = r"stdout F VMLET-TESTVM: ready$"
 
 
@@ -90,60 +85,34 @@ def percentile(xs: list[float], p: float) -> float:
 @contextlib.contextmanager
 def running_vm(name: str, annotations: dict[str, str] | None = None, stdin: bool = False) -> Iterator[VmPod]:
     """A vmlet daemon with one VM pod `name`, its guest booted (ready marker); everything removed after."""
-    image = images.build_test_image()
-    conn = libvirt_env.connect()
-    libvirt_env.WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    libvirt_env.WORK_ROOT.chmod(0o755)
-    # STATE_MARK in the path marks the pods' dnsmasq (its pid file is in the state dir) as this process's.
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{netsupport.STATE_MARK}-", dir=libvirt_env.WORK_ROOT))
-    work.chmod(0o711)
-    server = ImageServer().start()
-    sandboxes: list[str] = []
     pod: VmPod | None = None
-    try:
-        with netsupport.private_network(work, "vmlet-bench") as (network, conf_dir):
-            config = work / "vmlet.yaml"
-            cri.write_config(config, work / "state", work / "vmlet.sock",
-                             cri.translations_for(work / "t.yaml", {"testvm": server.serve_file("/t.qcow2", image)}),
-                             log_level="warning", cni_conf_dir=str(conf_dir), cni_bin_dirs=[netsupport.CNI_BIN_DIR])
-            daemon = cri.VmletProcess(work / "state", work / "vmlet.sock", config, work / "vmlet.log")
+    with vmlet_daemon() as bench:
+        def report_unclaimed() -> list[str]:  # nobody gets pod.left when the pod never came up
+            if pod is None and bench.left:
+                print(f"left behind (removed now): {bench.left}", file=sys.stderr)
+            return []
+
+        bench.after_stop.append(report_unclaimed)
+        rt, work = bench.client.runtime, bench.work
+        logs = work / "pods" / name
+        pod_cfg = cri.pod_config(name=name, log_directory=str(logs), annotations=annotations)
+        sid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_cfg), timeout=TIMEOUT).pod_sandbox_id
+        bench.sandboxes.append(sid)
+        try:
+            ccfg = cri.container_config(IMAGE)
+            ccfg.stdin = stdin  # what the kubelet sets for `kubectl run -i`: attach may write
+            cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
+                pod_sandbox_id=sid, config=ccfg, sandbox_config=pod_cfg), timeout=TIMEOUT).container_id
+            rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=TIMEOUT)
+            info = json.loads(rt.ContainerStatus(api_pb2.ContainerStatusRequest(
+                container_id=cid, verbose=True), timeout=TIMEOUT).info["info"])
+            # pod.left is the daemon's list: filled when the daemon stops, read by the bench after this block.
+            pod = VmPod(bench.client, work, sid, cid, info["domain"], logs / "vm" / "0.log",
+                        NetworkManager(work / "state", bench.conf_dir, [netsupport.CNI_BIN_DIR]), bench.left)
+            wait_log(pod.log, READY, TIMEOUT)
+            yield pod
+        finally:
             try:
-                client = daemon.start()
-                rt = client.runtime
-                client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=IMAGE)),
-                                        timeout=TIMEOUT)
-                logs = work / "pods" / name
-                pod_cfg = cri.pod_config(name=name, log_directory=str(logs), annotations=annotations)
-                sid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_cfg), timeout=TIMEOUT).pod_sandbox_id
-                sandboxes.append(sid)
-                try:
-                    ccfg = cri.container_config(IMAGE)
-                    ccfg.stdin = stdin  # what the kubelet sets for `kubectl run -i`: attach may write
-                    cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
-                        pod_sandbox_id=sid, config=ccfg, sandbox_config=pod_cfg), timeout=TIMEOUT).container_id
-                    rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=TIMEOUT)
-                    info = json.loads(rt.ContainerStatus(api_pb2.ContainerStatusRequest(
-                        container_id=cid, verbose=True), timeout=TIMEOUT).info["info"])
-                    pod = VmPod(client, work, sid, cid, info["domain"], logs / "vm" / "0.log",
-                                NetworkManager(work / "state", conf_dir, [netsupport.CNI_BIN_DIR]))
-                    wait_log(pod.log, READY, TIMEOUT)
-                    yield pod
-                finally:
-                    try:
-                        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=TIMEOUT)
-                    except grpc.RpcError as e:  # e.g. Ctrl-C reached the daemon too: the sweep below removes it
-                        print(f"cannot remove pod {name} ({sid}): {e.code().name}", file=sys.stderr)
-            except BaseException:
-                print(f"vmlet's log (tail):\n{daemon.log()[-3000:]}", file=sys.stderr)
-                raise
-            finally:
-                daemon.stop()
-                left = leftovers(conn, work / "state", network, conf_dir, sandboxes)
-                if pod is not None:
-                    pod.left = left
-                elif left:
-                    print(f"left behind (removed now): {left}", file=sys.stderr)
-    finally:
-        server.stop()
-        conn.close()
-        subprocess.run(["rm", "-rf", str(work)])
+                rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=TIMEOUT)
+            except grpc.RpcError as e:  # e.g. Ctrl-C reached the daemon too: the sweep removes it
+                print(f"cannot remove pod {name} ({sid}): {e.code().name}", file=sys.stderr)

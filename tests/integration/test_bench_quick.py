@@ -55,7 +55,7 @@ BENCHES = {
     "vmapi_reconcile": None,
 }
 # bench modules that are not benches: what the others share
-HELPERS = {"cli", "vm_pod"}
+HELPERS = {"cli", "daemon", "vm_pod"}
 
 
 def test_every_bench_is_covered():
